@@ -1,0 +1,60 @@
+-- Job definitions: what cube_dispatcher.start() read from the settings, validated.
+CREATE TABLE cube_dispatcher.job (
+    job_name            text PRIMARY KEY CHECK (job_name ~ '^[a-z_][a-z0-9_]*$' AND length(job_name) <= 40),
+    src_db              text NOT NULL,
+    pgq_queue_name      text NOT NULL,
+    pgq_consumer_id     text NOT NULL,
+    mode                text NOT NULL CHECK (mode IN ('keep_all', 'keep_latest')),
+    dateformat          text NOT NULL,          -- '' turns partitioning off
+    part_template       text,                   -- NULL: the default for the mode
+    loop_delay          float8 NOT NULL CHECK (loop_delay > 0),
+    connection_lifetime float8 NOT NULL CHECK (connection_lifetime > 0),
+    log_level           text NOT NULL CHECK (log_level IN ('quiet', 'normal', 'verbose')),
+    run_as              oid NOT NULL,           -- the role that called start(); the worker connects as it
+    enabled             boolean NOT NULL,       -- false after stop()/kill(): not resumed
+    config_version      bigint NOT NULL DEFAULT 1,
+    defined_at          timestamptz NOT NULL DEFAULT now()
+);
+
+-- Progress, written by the worker. last_tick_id is written in the same transaction as the
+-- batch's rows: it is what makes a batch apply exactly once.
+CREATE TABLE cube_dispatcher.job_state (
+    job_name        text PRIMARY KEY REFERENCES cube_dispatcher.job ON DELETE CASCADE,
+    last_tick_id    bigint,
+    last_batch_id   bigint,
+    last_batch_end  timestamptz,
+    batches_done    bigint NOT NULL DEFAULT 0,
+    events_done     bigint NOT NULL DEFAULT 0,
+    lag             interval,
+    recent_eps      float8,
+    state           text NOT NULL DEFAULT 'stopped' CHECK (state IN ('starting', 'running', 'retrying', 'stopped')),
+    pid             integer,
+    started_at      timestamptz,
+    last_error      text,
+    last_error_at   timestamptz,
+    updated_at      timestamptz
+);
+
+CREATE VIEW cube_dispatcher.status AS
+SELECT j.job_name,
+       CASE WHEN s.pid IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = s.pid)
+            THEN 'stopped' ELSE coalesce(s.state, 'stopped') END AS state,
+       s.pid,
+       j.pgq_queue_name AS queue,
+       j.pgq_consumer_id AS consumer,
+       j.mode,
+       j.dateformat,
+       cube_dispatcher.mask_password(j.src_db) AS src_db,
+       s.started_at,
+       s.last_batch_id,
+       s.last_batch_end,
+       s.batches_done,
+       s.events_done,
+       s.recent_eps AS events_per_second,
+       s.lag,
+       s.last_error,
+       s.last_error_at
+FROM cube_dispatcher.job j
+LEFT JOIN cube_dispatcher.job_state s USING (job_name);
+
+REVOKE ALL ON cube_dispatcher.job, cube_dispatcher.job_state FROM PUBLIC;

@@ -1,0 +1,239 @@
+//! The pgq.logutriga event format: `ev_type`, the url-encoded row in `ev_data`, the table in
+//! `ev_extra1`. Pure Rust so it is tested without a server.
+
+use percent_encoding::percent_decode;
+use thiserror::Error;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    Insert,
+    Update,
+    Delete,
+}
+
+impl Op {
+    pub fn letter(self) -> char {
+        match self {
+            Op::Insert => 'I',
+            Op::Update => 'U',
+            Op::Delete => 'D',
+        }
+    }
+}
+
+/// `ev_type` split into the operation and the primary-key columns logutriga listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventType {
+    pub op: Op,
+    pub pkey: Vec<String>,
+}
+
+/// A table name as the trigger sent it: raw, unquoted.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TableName {
+    pub schema: String,
+    pub table: String,
+}
+
+/// One decoded row: column names in the order the trigger wrote them, `None` for SQL NULL.
+pub type Row = Vec<(String, Option<String>)>;
+
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("ev_type is empty")]
+    EmptyType,
+    #[error("unknown operation {0:?} in ev_type (expected I, U or D)")]
+    UnknownOp(String),
+    #[error("ev_type {0:?} lists an empty primary key column name")]
+    EmptyPkeyColumn(String),
+    #[error("ev_extra1 (the table name) is missing")]
+    NoTable,
+    #[error("ev_extra1 {0:?} is not a valid table name")]
+    BadTable(String),
+    #[error("malformed %-escape at byte {pos} of {what}")]
+    BadEscape { what: &'static str, pos: usize },
+    #[error("{what} is not valid UTF-8 after decoding")]
+    BadUtf8 { what: &'static str },
+    #[error("ev_data has an empty column name")]
+    EmptyColumn,
+    #[error("ev_data names column {0:?} twice")]
+    DuplicateColumn(String),
+    #[error("ev_data is missing")]
+    NoData,
+}
+
+/// `I:id,name` / `U:` / `D` (a bare op is accepted, as the original did).
+pub fn parse_ev_type(ev_type: &str) -> Result<EventType, DecodeError> {
+    if ev_type.is_empty() {
+        return Err(DecodeError::EmptyType);
+    }
+    let (op, keys) = match ev_type.split_once(':') {
+        Some((op, keys)) => (op, keys),
+        None => (ev_type, ""),
+    };
+    let op = match op {
+        "I" => Op::Insert,
+        "U" => Op::Update,
+        "D" => Op::Delete,
+        other => return Err(DecodeError::UnknownOp(other.to_string())),
+    };
+    let pkey = if keys.is_empty() {
+        Vec::new()
+    } else {
+        let cols: Vec<String> = keys.split(',').map(str::to_string).collect();
+        if cols.iter().any(String::is_empty) {
+            return Err(DecodeError::EmptyPkeyColumn(ev_type.to_string()));
+        }
+        cols
+    };
+    Ok(EventType { op, pkey })
+}
+
+/// `schema.table`, split at the first '.'; without a '.', the table is in `public`
+/// (logutriga always qualifies; hand-made events may not).
+pub fn parse_table(ev_extra1: Option<&str>) -> Result<TableName, DecodeError> {
+    let raw = ev_extra1.ok_or(DecodeError::NoTable)?;
+    if raw.is_empty() {
+        return Err(DecodeError::NoTable);
+    }
+    let (schema, table) = raw.split_once('.').unwrap_or(("public", raw));
+    if schema.is_empty() || table.is_empty() || raw.contains('\0') {
+        return Err(DecodeError::BadTable(raw.to_string()));
+    }
+    Ok(TableName { schema: schema.to_string(), table: table.to_string() })
+}
+
+/// logutriga's url encoding: `a=1&b&c=` is a=1, b NULL, c ''. '+' is a space, `%XX` a byte;
+/// names are encoded the same way as values.
+pub fn parse_row(ev_data: Option<&str>) -> Result<Row, DecodeError> {
+    let data = ev_data.ok_or(DecodeError::NoData)?;
+    let mut row: Row = Vec::new();
+    if data.is_empty() {
+        return Ok(row);
+    }
+    for pair in data.split('&') {
+        let (name, value) = match pair.split_once('=') {
+            Some((n, v)) => (n, Some(v)),
+            None => (pair, None),
+        };
+        let name = unescape(name, "a column name")?;
+        if name.is_empty() {
+            return Err(DecodeError::EmptyColumn);
+        }
+        if row.iter().any(|(n, _)| *n == name) {
+            return Err(DecodeError::DuplicateColumn(name));
+        }
+        let value = value.map(|v| unescape(v, "a value")).transpose()?;
+        row.push((name, value));
+    }
+    Ok(row)
+}
+
+/// percent_decode lets malformed escapes through as literal text; a malformed escape here means
+/// the event was not made by logutriga, so it is refused rather than guessed at.
+fn unescape(s: &str, what: &'static str) -> Result<String, DecodeError> {
+    let bytes = s.as_bytes();
+    let mut i = 0;
+    while let Some(off) = bytes[i..].iter().position(|&b| b == b'%') {
+        let at = i + off;
+        let ok = bytes.len() >= at + 3 && bytes[at + 1].is_ascii_hexdigit() && bytes[at + 2].is_ascii_hexdigit();
+        if !ok {
+            return Err(DecodeError::BadEscape { what, pos: at });
+        }
+        i = at + 3;
+    }
+    let spaced;
+    let input: &[u8] = if s.contains('+') {
+        spaced = s.replace('+', " ");
+        spaced.as_bytes()
+    } else {
+        bytes
+    };
+    let decoded: Vec<u8> = percent_decode(input).collect();
+    if decoded.contains(&0) {
+        // PostgreSQL text cannot hold NUL; say so here instead of failing later in an input function.
+        return Err(DecodeError::BadUtf8 { what });
+    }
+    String::from_utf8(decoded).map_err(|_| DecodeError::BadUtf8 { what })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(v: &str) -> Option<String> {
+        Some(v.to_string())
+    }
+
+    #[test]
+    fn ev_type_cases() {
+        let cases: &[(&str, Result<(Op, &[&str]), DecodeError>)] = &[
+            ("I:id", Ok((Op::Insert, &["id"]))),
+            ("U:a,b", Ok((Op::Update, &["a", "b"]))),
+            ("D:id", Ok((Op::Delete, &["id"]))),
+            ("I:", Ok((Op::Insert, &[]))),
+            ("I", Ok((Op::Insert, &[]))),
+            ("D", Ok((Op::Delete, &[]))),
+            ("U:Camel Case,x", Ok((Op::Update, &["Camel Case", "x"]))),
+            ("", Err(DecodeError::EmptyType)),
+            ("X:id", Err(DecodeError::UnknownOp("X".into()))),
+            ("i:id", Err(DecodeError::UnknownOp("i".into()))),
+            ("INSERT:id", Err(DecodeError::UnknownOp("INSERT".into()))),
+            ("I:a,,b", Err(DecodeError::EmptyPkeyColumn("I:a,,b".into()))),
+            ("I:a,", Err(DecodeError::EmptyPkeyColumn("I:a,".into()))),
+        ];
+        for (input, want) in cases {
+            let got = parse_ev_type(input).map(|t| (t.op, t.pkey));
+            let want = want.clone().map(|(op, k)| (op, k.iter().map(|c| c.to_string()).collect::<Vec<_>>()));
+            assert_eq!(got, want, "ev_type {input:?}");
+        }
+    }
+
+    #[test]
+    fn table_cases() {
+        let t = |s: &str, n: &str| Ok(TableName { schema: s.into(), table: n.into() });
+        let cases: &[(Option<&str>, Result<TableName, DecodeError>)] = &[
+            (Some("public.orders"), t("public", "orders")),
+            (Some("Sales.Order Lines"), t("Sales", "Order Lines")),
+            (Some("a.b.c"), t("a", "b.c")),
+            (Some("orders"), t("public", "orders")),
+            (Some("x\"; drop table t; --"), t("public", "x\"; drop table t; --")),
+            (None, Err(DecodeError::NoTable)),
+            (Some(""), Err(DecodeError::NoTable)),
+            (Some(".t"), Err(DecodeError::BadTable(".t".into()))),
+            (Some("s."), Err(DecodeError::BadTable("s.".into()))),
+        ];
+        for (input, want) in cases {
+            assert_eq!(&parse_table(*input), want, "ev_extra1 {input:?}");
+        }
+    }
+
+    #[test]
+    fn row_cases() {
+        let cases: &[(&str, Result<Row, DecodeError>)] = &[
+            // straight from PgQ's own regression output
+            ("id=1&txt=text1&val", Ok(vec![("id".into(), s("1")), ("txt".into(), s("text1")), ("val".into(), None)])),
+            ("id=2&txt&val=1.5", Ok(vec![("id".into(), s("2")), ("txt".into(), None), ("val".into(), s("1.5"))])),
+            ("emptyvalue=", Ok(vec![("emptyvalue".into(), s(""))])),
+            ("", Ok(vec![])),
+            ("t=a+b%2bc", Ok(vec![("t".into(), s("a b+c"))])),
+            ("t=%26%3d%25%2B", Ok(vec![("t".into(), s("&=%+"))])),
+            ("Camel%20Col=x&a%26b=1", Ok(vec![("Camel Col".into(), s("x")), ("a&b".into(), s("1"))])),
+            ("t=%c3%a4%e2%82%ac", Ok(vec![("t".into(), s("ä€"))])),
+            ("t=%7b1%2c2%7d", Ok(vec![("t".into(), s("{1,2}"))])),
+            ("t=%zz", Err(DecodeError::BadEscape { what: "a value", pos: 0 })),
+            ("t=ab%4", Err(DecodeError::BadEscape { what: "a value", pos: 2 })),
+            ("t=%", Err(DecodeError::BadEscape { what: "a value", pos: 0 })),
+            ("%g1=1", Err(DecodeError::BadEscape { what: "a column name", pos: 0 })),
+            ("t=%ff%fe", Err(DecodeError::BadUtf8 { what: "a value" })),
+            ("t=a%00b", Err(DecodeError::BadUtf8 { what: "a value" })),
+            ("=1", Err(DecodeError::EmptyColumn)),
+            ("a=1&&b=2", Err(DecodeError::EmptyColumn)),
+            ("a=1&a=2", Err(DecodeError::DuplicateColumn("a".into()))),
+        ];
+        for (input, want) in cases {
+            assert_eq!(&parse_row(Some(input)), want, "ev_data {input:?}");
+        }
+        assert_eq!(parse_row(None), Err(DecodeError::NoData));
+    }
+}

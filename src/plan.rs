@@ -1,0 +1,228 @@
+//! Turns a run of decoded, routed events into set-based writes: one INSERT per destination table
+//! and column set, and in keep_latest one DELETE per table and key shape, after collapsing all
+//! versions of a key to the last one. Pure Rust: the collapse is checked against a one-by-one
+//! reference in the unit tests.
+
+use crate::decode::{Op, Row, TableName};
+use crate::route::Mode;
+use std::collections::HashMap;
+
+/// One event, decoded and routed to its destination partition.
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub ev_id: i64,
+    pub op: Op,
+    pub dest: TableName,
+    pub pkey: Vec<String>,
+    pub row: Row,
+}
+
+impl Change {
+    /// The key's values in `pkey` order; callers have checked every key column is in the row.
+    pub fn key_values(&self) -> Vec<Option<String>> {
+        self.pkey.iter().map(|k| self.row.iter().find(|(c, _)| c == k).and_then(|(_, v)| v.clone())).collect()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeleteGroup {
+    pub dest: TableName,
+    pub key_columns: Vec<String>,
+    /// One entry per key, values in key_columns order.
+    pub keys: Vec<Vec<Option<String>>>,
+    pub ev_ids: Vec<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct InsertGroup {
+    pub dest: TableName,
+    pub columns: Vec<String>,
+    /// Indexes into the changes slice, in event order.
+    pub rows: Vec<usize>,
+}
+
+#[derive(Debug, Default, PartialEq)]
+pub struct Plan {
+    pub deletes: Vec<DeleteGroup>,
+    pub inserts: Vec<InsertGroup>,
+}
+
+/// keep_all: every I/U becomes an inserted row (D is refused before planning).
+/// keep_latest: every key touched is deleted, then the last version of each key whose last event
+/// is I/U is inserted; this leaves the same rows as applying the events one by one.
+pub fn plan(changes: &[Change], mode: Mode) -> Plan {
+    let mut plan = Plan::default();
+    let survivors: Vec<usize> = match mode {
+        Mode::KeepAll => (0..changes.len()).filter(|&i| changes[i].op != Op::Delete).collect(),
+        Mode::KeepLatest => {
+            let mut last: HashMap<(&TableName, &[String], Vec<Option<String>>), usize> = HashMap::new();
+            let mut order = Vec::new();
+            for (i, ch) in changes.iter().enumerate() {
+                let key = (&ch.dest, ch.pkey.as_slice(), ch.key_values());
+                if last.insert(key.clone(), i).is_none() {
+                    order.push(key);
+                }
+            }
+            let mut delete_index: HashMap<(&TableName, &[String]), usize> = HashMap::new();
+            for key in &order {
+                let i = last[key];
+                let g = *delete_index.entry((key.0, key.1)).or_insert_with(|| {
+                    plan.deletes.push(DeleteGroup {
+                        dest: key.0.clone(),
+                        key_columns: key.1.to_vec(),
+                        keys: Vec::new(),
+                        ev_ids: Vec::new(),
+                    });
+                    plan.deletes.len() - 1
+                });
+                plan.deletes[g].keys.push(key.2.clone());
+                plan.deletes[g].ev_ids.push(changes[i].ev_id);
+            }
+            let mut keep: Vec<usize> = order.iter().map(|k| last[k]).filter(|&i| changes[i].op != Op::Delete).collect();
+            keep.sort_unstable();
+            keep
+        }
+    };
+    let mut insert_index: HashMap<(&TableName, Vec<&str>), usize> = HashMap::new();
+    for i in survivors {
+        let ch = &changes[i];
+        let cols: Vec<&str> = ch.row.iter().map(|(c, _)| c.as_str()).collect();
+        let g = *insert_index.entry((&ch.dest, cols)).or_insert_with(|| {
+            plan.inserts.push(InsertGroup {
+                dest: ch.dest.clone(),
+                columns: ch.row.iter().map(|(c, _)| c.clone()).collect(),
+                rows: Vec::new(),
+            });
+            plan.inserts.len() - 1
+        });
+        plan.inserts[g].rows.push(i);
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn t(n: &str) -> TableName {
+        TableName { schema: "public".into(), table: n.into() }
+    }
+
+    fn ch(ev_id: i64, op: Op, table: &str, id: i64, val: &str) -> Change {
+        Change {
+            ev_id,
+            op,
+            dest: t(table),
+            pkey: vec!["id".into()],
+            row: vec![("id".into(), Some(id.to_string())), ("val".into(), Some(val.into()))],
+        }
+    }
+
+    type Tables = BTreeMap<TableName, Vec<Row>>;
+
+    /// The original's way: for each event in order, delete the key, then insert unless D.
+    fn one_by_one(mut db: Tables, changes: &[Change]) -> Tables {
+        for c in changes {
+            let rows = db.entry(c.dest.clone()).or_default();
+            let key = c.key_values();
+            rows.retain(|r| c.pkey.iter().map(|k| r.iter().find(|(n, _)| n == k).and_then(|(_, v)| v.clone())).collect::<Vec<_>>() != key);
+            if c.op != Op::Delete {
+                rows.push(c.row.clone());
+            }
+        }
+        db
+    }
+
+    fn apply_plan(mut db: Tables, changes: &[Change], p: &Plan) -> Tables {
+        for d in &p.deletes {
+            let rows = db.entry(d.dest.clone()).or_default();
+            rows.retain(|r| !d.keys.iter().any(|key| d.key_columns.iter().map(|k| r.iter().find(|(n, _)| n == k).and_then(|(_, v)| v.clone())).collect::<Vec<_>>() == *key));
+        }
+        for g in &p.inserts {
+            for &i in &g.rows {
+                assert_eq!(changes[i].row.iter().map(|(c, _)| c.clone()).collect::<Vec<_>>(), g.columns);
+                db.entry(g.dest.clone()).or_default().push(changes[i].row.clone());
+            }
+        }
+        db
+    }
+
+    /// Rows that were in the partitions before the batch, so deletes have something to remove.
+    fn existing() -> Tables {
+        let mut db = Tables::new();
+        for table in ["a", "b"] {
+            db.insert(t(table), (0..8).step_by(2).map(|id| ch(-1, Op::Insert, table, id, "old").row).collect());
+        }
+        db
+    }
+
+    fn sorted(mut db: Tables) -> Tables {
+        db.retain(|_, rows| !rows.is_empty());
+        for rows in db.values_mut() {
+            rows.sort();
+        }
+        db
+    }
+
+    #[test]
+    fn keep_all_keeps_every_version_and_groups_by_column_set() {
+        let mut c = vec![ch(1, Op::Insert, "a", 1, "x"), ch(2, Op::Update, "a", 1, "y"), ch(3, Op::Insert, "b", 1, "z")];
+        c[2].row.pop();
+        let p = plan(&c, Mode::KeepAll);
+        assert!(p.deletes.is_empty());
+        assert_eq!(p.inserts.len(), 2);
+        assert_eq!(p.inserts[0].rows, vec![0, 1]);
+        assert_eq!(p.inserts[1].columns, vec!["id".to_string()]);
+    }
+
+    #[test]
+    fn keep_latest_collapses_to_last_version() {
+        let c = vec![
+            ch(1, Op::Insert, "a", 1, "v1"),
+            ch(2, Op::Update, "a", 1, "v2"),
+            ch(3, Op::Insert, "a", 2, "w1"),
+            ch(4, Op::Delete, "a", 2, "w1"),
+            ch(5, Op::Update, "a", 1, "v3"),
+        ];
+        let p = plan(&c, Mode::KeepLatest);
+        assert_eq!(p.deletes.len(), 1);
+        assert_eq!(p.deletes[0].keys, vec![vec![Some("1".to_string())], vec![Some("2".to_string())]]);
+        assert_eq!(p.inserts.len(), 1);
+        assert_eq!(p.inserts[0].rows, vec![4]);
+    }
+
+    /// A small deterministic generator, so the test needs no extra crate and always sees the same
+    /// sequences.
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self, n: u64) -> u64 {
+            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (self.0 >> 33) % n
+        }
+    }
+
+    #[test]
+    fn keep_latest_plan_equals_one_by_one_on_random_sequences() {
+        let mut rng = Lcg(42);
+        for round in 0..500 {
+            let n = 1 + rng.next(60) as usize;
+            let mut changes = Vec::new();
+            for i in 0..n {
+                let op = [Op::Insert, Op::Update, Op::Delete][rng.next(3) as usize];
+                let table = ["a", "b"][rng.next(2) as usize];
+                let mut c = ch(i as i64, op, table, rng.next(8) as i64, &format!("r{round}e{i}"));
+                match rng.next(4) {
+                    0 => c.row.reverse(),             // same columns, another order: another group
+                    1 => c.row[1].1 = None,           // NULL value
+                    2 => c.row.push(("extra".into(), Some(String::new()))),
+                    _ => {}
+                }
+                changes.push(c);
+            }
+            let want = sorted(one_by_one(existing(), &changes));
+            let got = sorted(apply_plan(existing(), &changes, &plan(&changes, Mode::KeepLatest)));
+            assert_eq!(got, want, "round {round}: {changes:?}");
+        }
+    }
+}

@@ -1,0 +1,197 @@
+//! Everything that talks to the source database, through dblink called over SPI. The only module
+//! that knows dblink. Remote statements are built by PostgreSQL's format() with %L/%s of values
+//! that are parameters here, never by pasting text in Rust.
+
+use pgrx::prelude::*;
+use pgrx::datum::DatumWithOid;
+use std::time::{Duration, Instant};
+
+/// One named dblink connection per worker process (a worker serves one job).
+const CONN: &str = "cube_dispatcher";
+const CURSOR: &str = "cube_dispatcher_events";
+
+/// An event as PgQ stores it, before decoding.
+#[derive(Debug, Clone)]
+pub struct RawEvent {
+    pub ev_id: i64,
+    pub ev_type: Option<String>,
+    pub ev_data: Option<String>,
+    pub ev_extra1: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct BatchInfo {
+    pub batch_id: i64,
+    pub prev_tick_id: i64,
+    pub tick_id: i64,
+    pub batch_end: String,
+    /// to_char(batch_end, dateformat), computed on the source as the original did.
+    pub suffix: Option<String>,
+    pub lag: Option<String>,
+}
+
+pub struct Source {
+    conninfo: String,
+    lifetime: Duration,
+    opened_at: Option<Instant>,
+    cursor_open: bool,
+}
+
+fn one<T: FromDatum + IntoDatum>(sql: &str, args: &[DatumWithOid]) -> Option<T> {
+    Spi::get_one_with_args::<T>(sql, args).unwrap_or_else(|e| error!("cube_dispatcher: SPI failed: {e}"))
+}
+
+impl Source {
+    pub fn new(conninfo: &str, lifetime: Duration) -> Source {
+        Source { conninfo: conninfo.to_string(), lifetime, opened_at: None, cursor_open: false }
+    }
+
+    /// Takes new settings; a changed connection string or lifetime applies from the next connect.
+    pub fn reconfigure(&mut self, conninfo: &str, lifetime: Duration) {
+        if conninfo != self.conninfo {
+            self.disconnect();
+            self.conninfo = conninfo.to_string();
+        }
+        self.lifetime = lifetime;
+    }
+
+    /// Opens the connection, or reopens it once it is older than connection_lifetime.
+    pub fn connect(&mut self) {
+        if let Some(at) = self.opened_at {
+            if at.elapsed() < self.lifetime {
+                return;
+            }
+            self.disconnect();
+        }
+        // dblink reports a failed connection with libpq's message, which never contains the password.
+        Spi::run_with_args("SELECT dblink_connect($1, $2)", &[CONN.into(), self.conninfo.as_str().into()])
+            .unwrap_or_else(|e| error!("cube_dispatcher: SPI failed: {e}"));
+        self.opened_at = Some(Instant::now());
+        self.cursor_open = false;
+    }
+
+    /// Drops the connection (and with it any remote transaction and cursor). Safe to call at any
+    /// time, also after an error: it only acts if the connection exists.
+    pub fn disconnect(&mut self) {
+        let _ = Spi::run_with_args(
+            "SELECT dblink_disconnect($1) WHERE $1 = ANY (coalesce(dblink_get_connections(), '{}'))",
+            &[CONN.into()],
+        );
+        self.opened_at = None;
+        self.cursor_open = false;
+    }
+
+    /// pgq.register_consumer is a no-op for a consumer that exists.
+    pub fn register(&mut self, queue: &str, consumer: &str) {
+        self.connect();
+        let _: Option<i32> = one(
+            "SELECT r FROM dblink($1, format('select pgq.register_consumer(%L, %L)', $2::text, $3::text)) AS t(r int)",
+            &[CONN.into(), queue.into(), consumer.into()],
+        );
+    }
+
+    pub fn unregister(&mut self, queue: &str, consumer: &str) {
+        self.connect();
+        let _: Option<i32> = one(
+            "SELECT r FROM dblink($1, format('select pgq.unregister_consumer(%L, %L)', $2::text, $3::text)) AS t(r int)",
+            &[CONN.into(), queue.into(), consumer.into()],
+        );
+    }
+
+    pub fn next_batch(&mut self, queue: &str, consumer: &str) -> Option<i64> {
+        self.connect();
+        one(
+            "SELECT r FROM dblink($1, format('select pgq.next_batch(%L, %L)', $2::text, $3::text)) AS t(r bigint)",
+            &[CONN.into(), queue.into(), consumer.into()],
+        )
+    }
+
+    pub fn batch_info(&mut self, batch_id: i64, dateformat: Option<&str>) -> BatchInfo {
+        self.connect();
+        Spi::connect(|c| {
+            let row = c
+                .select(
+                    "SELECT prev_tick_id, tick_id, batch_end::text, suffix, lag::text
+                       FROM dblink($1, format('select prev_tick_id, tick_id, batch_end, to_char(batch_end, %L), lag
+                                                 from pgq.get_batch_info(%s)', coalesce($3, ''), $2::bigint))
+                         AS t(prev_tick_id bigint, tick_id bigint, batch_end timestamptz, suffix text, lag interval)",
+                    Some(1),
+                    &[CONN.into(), batch_id.into(), dateformat.into()],
+                )?
+                .first();
+            Ok::<_, pgrx::spi::Error>(BatchInfo {
+                batch_id,
+                prev_tick_id: row.get(1)?.unwrap_or_default(),
+                tick_id: row.get(2)?.unwrap_or_default(),
+                batch_end: row.get(3)?.unwrap_or_default(),
+                suffix: if dateformat.is_some() { row.get::<String>(4)? } else { None },
+                lag: row.get(5)?,
+            })
+        })
+        .unwrap_or_else(|e| error!("cube_dispatcher: SPI failed: {e}"))
+    }
+
+    /// Declares a remote cursor over the batch's events in ev_id order; events are then read with
+    /// fetch() in chunks, so memory stays bounded however large the batch is.
+    pub fn open_events(&mut self, batch_id: i64) {
+        self.connect();
+        self.close_events();
+        Spi::run_with_args(
+            "SELECT dblink_open($1, $2,
+                 format('select ev_id, ev_type, ev_data, ev_extra1 from (%s) e order by 1',
+                        (SELECT s FROM dblink($1, format('select pgq.batch_event_sql(%s)', $3::bigint)) AS t(s text))))",
+            &[CONN.into(), CURSOR.into(), batch_id.into()],
+        )
+        .unwrap_or_else(|e| error!("cube_dispatcher: SPI failed: {e}"));
+        self.cursor_open = true;
+    }
+
+    pub fn fetch(&mut self, n: usize) -> Vec<RawEvent> {
+        Spi::connect(|c| {
+            let rows = c.select(
+                "SELECT ev_id, ev_type, ev_data, ev_extra1 FROM dblink_fetch($1, $2, $3)
+                   AS t(ev_id bigint, ev_type text, ev_data text, ev_extra1 text)",
+                None,
+                &[CONN.into(), CURSOR.into(), (n as i32).into()],
+            )?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in rows {
+                out.push(RawEvent {
+                    ev_id: row.get(1)?.unwrap_or_default(),
+                    ev_type: row.get(2)?,
+                    ev_data: row.get(3)?,
+                    ev_extra1: row.get(4)?,
+                });
+            }
+            Ok::<_, pgrx::spi::Error>(out)
+        })
+        .unwrap_or_else(|e| error!("cube_dispatcher: SPI failed: {e}"))
+    }
+
+    /// Closing the cursor also ends the remote read transaction dblink_open began.
+    pub fn close_events(&mut self) {
+        if self.cursor_open {
+            Spi::run_with_args("SELECT dblink_close($1, $2)", &[CONN.into(), CURSOR.into()])
+                .unwrap_or_else(|e| error!("cube_dispatcher: SPI failed: {e}"));
+            self.cursor_open = false;
+        }
+    }
+
+    pub fn finish_batch(&mut self, batch_id: i64) {
+        self.connect();
+        let _: Option<i32> = one(
+            "SELECT r FROM dblink($1, format('select pgq.finish_batch(%s)', $2::bigint)) AS t(r int)",
+            &[CONN.into(), batch_id.into()],
+        );
+    }
+
+    /// pgq.get_consumer_info's lag, for status; None when the consumer is not registered.
+    pub fn consumer_lag(&mut self, queue: &str, consumer: &str) -> Option<String> {
+        self.connect();
+        one(
+            "SELECT lag::text FROM dblink($1, format('select lag from pgq.get_consumer_info(%L, %L)', $2::text, $3::text))
+               AS t(lag interval)",
+            &[CONN.into(), queue.into(), consumer.into()],
+        )
+    }
+}
