@@ -1,9 +1,35 @@
 //! cube_dispatcher: the Skytools PgQ consumer as a PostgreSQL background worker.
-
+//!
+//! An event's trip: source (dblink) -> decode -> route -> plan -> apply -> state (batch done, same
+//! transaction) -> source (finish batch). worker drives it; api is what SQL calls.
 
 pub mod config;
 pub mod decode;
 pub mod plan;
 pub mod route;
 
+pub mod api;
+pub mod apply;
+pub mod source;
+pub mod spi;
+pub mod state;
+pub mod worker;
+
 ::pgrx::pg_module_magic!(name, version);
+
+::pgrx::extension_sql_file!("../sql/schema.sql", name = "schema", requires = [api::mask_password_sql]);
+
+#[cfg(any(test, feature = "pg_test"))]
+#[path = "../pgrx-tests/mod.rs"]
+#[pgrx::pg_schema]
+mod tests;
+
+/// Used by `cargo pgrx test`: its cluster preloads the library as production setups do.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec!["shared_preload_libraries = 'cube_dispatcher'"]
+    }
+}

@@ -3,7 +3,6 @@
 //! that are parameters here, never by pasting text in Rust.
 
 use pgrx::prelude::*;
-use pgrx::datum::DatumWithOid;
 use std::time::{Duration, Instant};
 
 /// One named dblink connection per worker process (a worker serves one job).
@@ -37,10 +36,6 @@ pub struct Source {
     cursor_open: bool,
 }
 
-fn one<T: FromDatum + IntoDatum>(sql: &str, args: &[DatumWithOid]) -> Option<T> {
-    Spi::get_one_with_args::<T>(sql, args).unwrap_or_else(|e| error!("cube_dispatcher: SPI failed: {e}"))
-}
-
 impl Source {
     pub fn new(conninfo: &str, lifetime: Duration) -> Source {
         Source { conninfo: conninfo.to_string(), lifetime, opened_at: None, cursor_open: false }
@@ -64,8 +59,7 @@ impl Source {
             self.disconnect();
         }
         // dblink reports a failed connection with libpq's message, which never contains the password.
-        Spi::run_with_args("SELECT dblink_connect($1, $2)", &[CONN.into(), self.conninfo.as_str().into()])
-            .unwrap_or_else(|e| error!("cube_dispatcher: SPI failed: {e}"));
+        crate::spi::run("SELECT dblink_connect($1, $2)", &[CONN.into(), self.conninfo.as_str().into()]);
         self.opened_at = Some(Instant::now());
         self.cursor_open = false;
     }
@@ -73,7 +67,7 @@ impl Source {
     /// Drops the connection (and with it any remote transaction and cursor). Safe to call at any
     /// time, also after an error: it only acts if the connection exists.
     pub fn disconnect(&mut self) {
-        let _ = Spi::run_with_args(
+        let _ = crate::spi::run(
             "SELECT dblink_disconnect($1) WHERE $1 = ANY (coalesce(dblink_get_connections(), '{}'))",
             &[CONN.into()],
         );
@@ -84,7 +78,7 @@ impl Source {
     /// pgq.register_consumer is a no-op for a consumer that exists.
     pub fn register(&mut self, queue: &str, consumer: &str) {
         self.connect();
-        let _: Option<i32> = one(
+        let _: Option<i32> = crate::spi::value(
             "SELECT r FROM dblink($1, format('select pgq.register_consumer(%L, %L)', $2::text, $3::text)) AS t(r int)",
             &[CONN.into(), queue.into(), consumer.into()],
         );
@@ -92,7 +86,7 @@ impl Source {
 
     pub fn unregister(&mut self, queue: &str, consumer: &str) {
         self.connect();
-        let _: Option<i32> = one(
+        let _: Option<i32> = crate::spi::value(
             "SELECT r FROM dblink($1, format('select pgq.unregister_consumer(%L, %L)', $2::text, $3::text)) AS t(r int)",
             &[CONN.into(), queue.into(), consumer.into()],
         );
@@ -100,7 +94,7 @@ impl Source {
 
     pub fn next_batch(&mut self, queue: &str, consumer: &str) -> Option<i64> {
         self.connect();
-        one(
+        crate::spi::value(
             "SELECT r FROM dblink($1, format('select pgq.next_batch(%L, %L)', $2::text, $3::text)) AS t(r bigint)",
             &[CONN.into(), queue.into(), consumer.into()],
         )
@@ -128,7 +122,7 @@ impl Source {
                 lag: row.get(5)?,
             })
         })
-        .unwrap_or_else(|e| error!("cube_dispatcher: SPI failed: {e}"))
+        .unwrap_or_else(|e| crate::spi::fail(e))
     }
 
     /// Declares a remote cursor over the batch's events in ev_id order; events are then read with
@@ -136,13 +130,12 @@ impl Source {
     pub fn open_events(&mut self, batch_id: i64) {
         self.connect();
         self.close_events();
-        Spi::run_with_args(
+        crate::spi::run(
             "SELECT dblink_open($1, $2,
                  format('select ev_id, ev_type, ev_data, ev_extra1 from (%s) e order by 1',
                         (SELECT s FROM dblink($1, format('select pgq.batch_event_sql(%s)', $3::bigint)) AS t(s text))))",
             &[CONN.into(), CURSOR.into(), batch_id.into()],
-        )
-        .unwrap_or_else(|e| error!("cube_dispatcher: SPI failed: {e}"));
+        );
         self.cursor_open = true;
     }
 
@@ -165,21 +158,20 @@ impl Source {
             }
             Ok::<_, pgrx::spi::Error>(out)
         })
-        .unwrap_or_else(|e| error!("cube_dispatcher: SPI failed: {e}"))
+        .unwrap_or_else(|e| crate::spi::fail(e))
     }
 
     /// Closing the cursor also ends the remote read transaction dblink_open began.
     pub fn close_events(&mut self) {
         if self.cursor_open {
-            Spi::run_with_args("SELECT dblink_close($1, $2)", &[CONN.into(), CURSOR.into()])
-                .unwrap_or_else(|e| error!("cube_dispatcher: SPI failed: {e}"));
+            crate::spi::run("SELECT dblink_close($1, $2)", &[CONN.into(), CURSOR.into()]);
             self.cursor_open = false;
         }
     }
 
     pub fn finish_batch(&mut self, batch_id: i64) {
         self.connect();
-        let _: Option<i32> = one(
+        let _: Option<i32> = crate::spi::value(
             "SELECT r FROM dblink($1, format('select pgq.finish_batch(%s)', $2::bigint)) AS t(r int)",
             &[CONN.into(), batch_id.into()],
         );
@@ -188,7 +180,7 @@ impl Source {
     /// pgq.get_consumer_info's lag, for status; None when the consumer is not registered.
     pub fn consumer_lag(&mut self, queue: &str, consumer: &str) -> Option<String> {
         self.connect();
-        one(
+        crate::spi::value(
             "SELECT lag::text FROM dblink($1, format('select lag from pgq.get_consumer_info(%L, %L)', $2::text, $3::text))
                AS t(lag interval)",
             &[CONN.into(), queue.into(), consumer.into()],

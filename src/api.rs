@@ -1,0 +1,125 @@
+//! The SQL-facing control functions. The original tool's switches map to them: -d start,
+//! -s stop (SIGINT: after the current batch), -k kill (SIGTERM: at once), -r reload (SIGHUP).
+
+use crate::config::{self, mask_password, JobConfig, OPTIONS};
+use crate::source::Source;
+use crate::state;
+use crate::worker;
+use pgrx::prelude::*;
+use std::time::Duration;
+
+fn setting(name: &str) -> Option<String> {
+    crate::spi::value::<String>("SELECT current_setting($1, true)", &[name.into()])
+}
+
+/// Reads the job's settings as this session sees them (job level, then the global default) and
+/// validates them; errors name the GUC.
+fn read_config(job: &str) -> JobConfig {
+    if let Err(e) = config::validate_job_name(job) {
+        error!("cube_dispatcher: {e}");
+    }
+    let mut found = Vec::new();
+    for opt in OPTIONS {
+        let job_level = config::job_guc(job, opt);
+        let global = format!("cube_dispatcher.{opt}");
+        let v = setting(&job_level).map(|v| (v, job_level)).or_else(|| setting(&global).map(|v| (v, global)));
+        found.push((opt.to_string(), v));
+    }
+    let lookup = |opt: &str| found.iter().find(|(o, _)| o == opt).and_then(|(_, v)| v.clone());
+    let db = Spi::get_one::<String>("SELECT current_database()::text").ok().flatten().unwrap_or_default();
+    JobConfig::from_settings(job, &lookup, &db).unwrap_or_else(|e| error!("cube_dispatcher job {job}: {e}"))
+}
+
+fn signal(pid: i32, sig: i32) {
+    // SAFETY: plain kill(2); the pid was just checked to be this job's worker in this cluster.
+    unsafe { libc::kill(pid, sig) };
+}
+
+/// Waits until the process is gone, still answering to query cancel.
+fn wait_gone(pid: i32) {
+    while unsafe { libc::kill(pid, 0) } == 0 {
+        std::thread::sleep(Duration::from_millis(50));
+        pg_sys::check_for_interrupts!();
+    }
+}
+
+/// Reads and validates the job's settings, stores them as its definition, starts its worker and
+/// returns the worker's pid. The worker starts work when this transaction commits.
+#[pg_extern]
+fn start(job: &str) -> i32 {
+    let cfg = read_config(job);
+    if let Some(pid) = state::live_pid(job) {
+        error!("cube_dispatcher job {job} is already running (pid {pid})");
+    }
+    let role = unsafe { pg_sys::GetUserId() };
+    state::save_job(&cfg, role);
+    worker::launch(job, role)
+}
+
+/// Re-reads and validates the settings; the worker applies them before its next batch.
+/// Invalid settings fail here and the worker keeps the ones it has.
+#[pg_extern]
+fn reload(job: &str) -> bool {
+    let cfg = read_config(job);
+    let Some(old) = state::load_job(job) else {
+        error!("cube_dispatcher job {job} does not exist; use cube_dispatcher.start('{job}')");
+    };
+    state::save_job(&cfg, old.run_as);
+    if !old.enabled {
+        state::set_enabled(job, false);
+    }
+    match state::live_pid(job) {
+        Some(pid) => {
+            signal(pid, libc::SIGHUP);
+            true
+        }
+        None => false,
+    }
+}
+
+fn halt(job: &str, sig: i32) -> bool {
+    if state::load_job(job).is_none() {
+        error!("cube_dispatcher job {job} does not exist");
+    }
+    state::set_enabled(job, false);
+    let pid = state::live_pid(job);
+    if let Some(pid) = pid {
+        signal(pid, sig);
+        wait_gone(pid);
+    }
+    state::set_stopped(job, None);
+    pid.is_some()
+}
+
+/// Stops safely: the batch in progress is completed, then the worker exits. Returns false if the
+/// job was not running.
+#[pg_extern]
+fn stop(job: &str) -> bool {
+    halt(job, libc::SIGINT)
+}
+
+/// Stops at once: the batch in progress is rolled back and done again on the next start.
+#[pg_extern]
+fn kill(job: &str) -> bool {
+    halt(job, libc::SIGTERM)
+}
+
+/// Stops the job, unregisters its consumer on the source and forgets the job.
+#[pg_extern(name = "drop")]
+fn drop_job(job: &str) -> bool {
+    let Some(row) = state::load_job(job) else {
+        error!("cube_dispatcher job {job} does not exist");
+    };
+    halt(job, libc::SIGINT);
+    let mut source = Source::new(&row.config.src_db, Duration::from_secs(60));
+    source.unregister(&row.config.pgq_queue_name, &row.config.pgq_consumer_id);
+    source.disconnect();
+    crate::spi::run("DELETE FROM cube_dispatcher.job WHERE job_name = $1", &[job.into()]);
+    true
+}
+
+/// A connection string with any password replaced by ********.
+#[pg_extern(name = "mask_password", immutable, parallel_safe, strict)]
+pub fn mask_password_sql(conninfo: &str) -> String {
+    mask_password(conninfo)
+}

@@ -1,0 +1,391 @@
+//! The worker loop: one process per job. Each batch is read from the source and written in one
+//! target transaction that also records the batch's tick; the source batch is finished only after
+//! that commits. Any error rolls the transaction back and the same batch is tried again.
+//!
+//! Signals follow the original tool: SIGINT stops after the current batch (-s), SIGTERM stops at
+//! once and rolls back (-k), SIGHUP wakes the loop to pick up reloaded settings (-r).
+
+use crate::apply::{caught_message, ApplyError, BatchWriter};
+use crate::config::{mask_password, JobConfig, LogLevel};
+use crate::source::{BatchInfo, Source};
+use crate::state;
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::prelude::*;
+use pgrx::PgTryBuilder;
+use std::panic::AssertUnwindSafe;
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+/// Events fetched from the source cursor per round trip and written per set-based statement.
+pub const CHUNK_EVENTS: usize = 5000;
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// How long a worker that died waits before the postmaster starts it again.
+pub const RESTART_DELAY: Duration = Duration::from_secs(5);
+const THROUGHPUT_LOG_EVERY: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Error)]
+enum StepError {
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    #[error("lost position: the source hands out batch {batch_id} starting at tick {prev_tick}, but the last tick applied here is {applied}; the consumer was re-registered or moved. Drop and re-create the job (cube_dispatcher.drop) to start from the queue's current position")]
+    LostPosition { batch_id: i64, prev_tick: i64, applied: i64 },
+    #[error("{0}")]
+    Server(String),
+    #[error("batch {batch_id}: {inner}")]
+    InBatch { batch_id: i64, inner: Box<StepError> },
+}
+
+impl StepError {
+    /// A set-based statement failed: only a one-event-at-a-time retry can name the event.
+    fn needs_precise_retry(&self) -> bool {
+        match self {
+            StepError::Apply(ApplyError::Statement { .. }) => true,
+            StepError::InBatch { inner, .. } => inner.needs_precise_retry(),
+            _ => false,
+        }
+    }
+}
+
+enum Step {
+    Idle,
+    Done { batch_id: i64, events: i64, created: Vec<String> },
+}
+
+/// Launches the job's worker as the calling role, in the calling database; returns its pid.
+pub fn launch(job: &str, run_as: pg_sys::Oid) -> i32 {
+    let db = unsafe { pg_sys::MyDatabaseId };
+    let worker = BackgroundWorkerBuilder::new(&format!("cube_dispatcher {job}"))
+        .set_type(&format!("cube_dispatcher {job}"))
+        .set_library("cube_dispatcher")
+        .set_function("cube_dispatcher_worker_main")
+        .set_argument(Some(pg_sys::Datum::from(db.to_u32())))
+        .set_extra(&format!("{} {job}", run_as.to_u32()))
+        .enable_spi_access()
+        .set_restart_time(Some(RESTART_DELAY))
+        .set_notify_pid(unsafe { pg_sys::MyProcPid })
+        .load_dynamic()
+        .unwrap_or_else(|_| {
+            error!("cube_dispatcher: could not register a background worker for job {job}; raise max_worker_processes")
+        });
+    match worker.wait_for_startup() {
+        Ok(pid) => pid,
+        Err(status) => error!("cube_dispatcher: the worker for job {job} did not start: {status:?}"),
+    }
+}
+
+/// Runs `f` in its own transaction. A PostgreSQL error inside becomes Err and the transaction is
+/// rolled back; so does an Err returned by `f`.
+fn in_transaction<R>(f: impl FnOnce() -> Result<R, StepError>) -> Result<R, StepError> {
+    let result = PgTryBuilder::new(AssertUnwindSafe(|| unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+        let r = f();
+        if r.is_ok() {
+            pg_sys::PopActiveSnapshot();
+            pg_sys::CommitTransactionCommand();
+        }
+        r
+    }))
+    .catch_others(|e| Err(StepError::Server(caught_message(&e))))
+    .execute();
+    if result.is_err() {
+        unsafe { pg_sys::AbortOutOfAnyTransaction() };
+    }
+    result
+}
+
+struct Worker {
+    job: String,
+    config: JobConfig,
+    config_version: i64,
+    source: Source,
+    /// After a failed set-based write, the batch is retried one event at a time so the error
+    /// names the exact event.
+    precise: bool,
+    backoff: Duration,
+    window: (Instant, i64, i64),
+    last_lag_update: Option<Instant>,
+    recent_eps: f64,
+}
+
+impl Worker {
+    fn log(&self, level: LogLevel, msg: &str) {
+        if self.config.log_level >= level {
+            log!("cube_dispatcher job {}: {msg}", self.job);
+        }
+    }
+
+    /// New settings from reload() take effect here, between batches.
+    fn pick_up_reload(&mut self) -> Result<(), StepError> {
+        let version = in_transaction(|| Ok(state::config_version(&self.job)))?;
+        if version.is_some_and(|v| v != self.config_version) {
+            if let Some(row) = in_transaction(|| Ok(state::load_job(&self.job)))? {
+                self.config = row.config;
+                self.config_version = row.config_version;
+                self.source.reconfigure(&self.config.src_db, Duration::from_secs_f64(self.config.connection_lifetime));
+                self.log(LogLevel::Normal, &format!("reloaded settings (version {})", self.config_version));
+            }
+        }
+        Ok(())
+    }
+
+    fn step(&mut self) -> Result<Step, StepError> {
+        let cfg = self.config.clone();
+        let precise = self.precise;
+        let source = &mut self.source;
+        let eps = self.recent_eps;
+        let current = std::cell::Cell::new(None);
+        let in_batch = |e: StepError| match current.get() {
+            Some(batch_id) => StepError::InBatch { batch_id, inner: Box::new(e) },
+            None => e,
+        };
+        let outcome = in_transaction(|| {
+            let Some(batch_id) = source.next_batch(&cfg.pgq_queue_name, &cfg.pgq_consumer_id) else {
+                return Ok(None);
+            };
+            current.set(Some(batch_id));
+            let info: BatchInfo = source.batch_info(batch_id, cfg.dateformat.as_deref());
+            match state::last_tick(&cfg.job_name) {
+                // written and committed here, but the source never heard: only finish it
+                Some(t) if t == info.tick_id => return Ok(Some((info, 0, Vec::new(), true))),
+                Some(t) if t != info.prev_tick_id => {
+                    return Err(StepError::LostPosition { batch_id, prev_tick: info.prev_tick_id, applied: t })
+                }
+                _ => {}
+            }
+            let mut writer = BatchWriter::new(&cfg, info.suffix.clone());
+            let mut events = 0i64;
+            source.open_events(batch_id);
+            loop {
+                let chunk = source.fetch(CHUNK_EVENTS);
+                if chunk.is_empty() {
+                    break;
+                }
+                events += chunk.len() as i64;
+                if precise {
+                    for ev in &chunk {
+                        writer.apply(std::slice::from_ref(ev))?;
+                    }
+                } else {
+                    writer.apply(&chunk)?;
+                }
+            }
+            source.close_events();
+            state::record_batch(&cfg.job_name, &info, events, eps);
+            Ok(Some((info, events, std::mem::take(&mut writer.created), false)))
+        })
+        .map_err(in_batch)?;
+        let Some((info, events, created, already_done)) = outcome else {
+            return Ok(Step::Idle);
+        };
+        if already_done {
+            self.log(LogLevel::Normal, &format!("batch {} was already written here; finishing it on the source", info.batch_id));
+        }
+        in_transaction(|| {
+            self.source.finish_batch(info.batch_id);
+            Ok(())
+        })
+        .map_err(|e| StepError::InBatch { batch_id: info.batch_id, inner: Box::new(e) })?;
+        Ok(Step::Done { batch_id: info.batch_id, events, created })
+    }
+
+    fn count(&mut self, events: i64) {
+        let (since, batches, evs) = &mut self.window;
+        *batches += 1;
+        *evs += events;
+        let elapsed = since.elapsed();
+        if elapsed >= Duration::from_secs(5) {
+            self.recent_eps = *evs as f64 / elapsed.as_secs_f64();
+        }
+        if elapsed >= THROUGHPUT_LOG_EVERY {
+            let msg = format!("{} events in {} batches in the last {:.0} s ({:.0} events/s)", evs, batches, elapsed.as_secs_f64(), self.recent_eps);
+            self.window = (Instant::now(), 0, 0);
+            self.log(LogLevel::Normal, &msg);
+        }
+    }
+
+    fn idle(&mut self) {
+        let due = self.last_lag_update.is_none_or(|t| t.elapsed() >= Duration::from_secs(5));
+        if due {
+            let (q, c, job) = (self.config.pgq_queue_name.clone(), self.config.pgq_consumer_id.clone(), self.job.clone());
+            let source = &mut self.source;
+            let _ = in_transaction(|| {
+                let lag = source.consumer_lag(&q, &c);
+                state::record_lag(&job, lag);
+                Ok(())
+            });
+            self.last_lag_update = Some(Instant::now());
+            self.recent_eps = 0.0;
+        }
+    }
+
+    fn failed(&mut self, err: StepError) {
+        // the remote side may hold an open cursor or transaction: start over with a new connection
+        let _ = in_transaction(|| {
+            self.source.disconnect();
+            Ok(())
+        });
+        let retry_precisely = err.needs_precise_retry() && !self.precise;
+        // server messages do not carry the connection string, but never risk showing a password
+        let msg = err.to_string().replace(&self.config.src_db, &mask_password(&self.config.src_db));
+        let _ = in_transaction(|| {
+            state::set_error(&self.job, &msg);
+            Ok(())
+        });
+        if retry_precisely {
+            self.log(LogLevel::Verbose, &format!("set-based write failed ({msg}); retrying the batch one event at a time to find the event"));
+            self.precise = true;
+            return;
+        }
+        warning!("cube_dispatcher job {}: {msg}; batch rolled back, retrying in {} s", self.job, self.backoff.as_secs());
+        wait(self.backoff);
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+static STOP_REQUESTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn stop_requested() -> bool {
+    if BackgroundWorker::sigint_received() {
+        STOP_REQUESTED.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+    STOP_REQUESTED.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Sleeps on the latch; SIGINT/SIGHUP wake it early, SIGTERM exits through die().
+fn wait(d: Duration) {
+    let deadline = Instant::now() + d;
+    while !stop_requested() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let woke = BackgroundWorker::wait_latch(Some(left.min(Duration::from_secs(3600))));
+        pg_sys::check_for_interrupts!();
+        if !woke || BackgroundWorker::sighup_received() {
+            break;
+        }
+    }
+    process_config_reload();
+}
+
+fn process_config_reload() {
+    unsafe {
+        if pg_sys::ConfigReloadPending != 0 {
+            pg_sys::ConfigReloadPending = 0;
+            pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
+        }
+    }
+}
+
+/// What PostgreSQL's die() does for a backend: flag the interrupt, so the next
+/// CHECK_FOR_INTERRUPTS ends the process with FATAL and the open transaction is rolled back.
+unsafe extern "C-unwind" fn request_die(_signal: std::ffi::c_int) {
+    unsafe {
+        pg_sys::InterruptPending = 1;
+        pg_sys::ProcDiePending = 1;
+        pg_sys::SetLatch(pg_sys::MyLatch);
+    }
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn cube_dispatcher_worker_main(arg: pg_sys::Datum) {
+    let extra = BackgroundWorker::get_extra().to_string();
+    let (role, job) = extra.split_once(' ').expect("worker extra is '<role oid> <job>'");
+    let role = pg_sys::Oid::from(role.parse::<u32>().expect("role oid"));
+    let db = pg_sys::Oid::from(arg.value() as u32);
+    let job = job.to_string();
+
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGINT);
+    // SIGTERM (kill(), server shutdown): PostgreSQL's own die(), so the transaction in progress
+    // is aborted at the next interrupt check and nothing half-done is committed.
+    unsafe { pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(request_die)) };
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(db), Some(role));
+
+    let pid = unsafe { pg_sys::MyProcPid };
+    // Waits for start()'s transaction when it has not committed yet; fails if it rolled back.
+    let row = in_transaction(|| {
+        state::worker_started(&job, pid);
+        Ok(state::load_job(&job))
+    });
+    let row = match row {
+        Ok(Some(r)) if r.enabled => r,
+        Ok(_) => {
+            in_transaction(|| Ok(state::set_stopped(&job, Some(pid)))).ok();
+            return; // stopped or dropped meanwhile: exit 0, so the postmaster does not restart us
+        }
+        Err(e) => {
+            log!("cube_dispatcher job {job}: not starting: {e}");
+            return;
+        }
+    };
+    let mut w = Worker {
+        source: Source::new(&row.config.src_db, Duration::from_secs_f64(row.config.connection_lifetime)),
+        job: job.clone(),
+        config: row.config,
+        config_version: row.config_version,
+        precise: false,
+        backoff: Duration::from_secs(1),
+        window: (Instant::now(), 0, 0),
+        last_lag_update: None,
+        recent_eps: 0.0,
+    };
+    w.log(
+        LogLevel::Normal,
+        &format!(
+            "started (pid {pid}): queue {}, consumer {}, mode {}, source {}",
+            w.config.pgq_queue_name,
+            w.config.pgq_consumer_id,
+            w.config.mode.as_str(),
+            mask_password(&w.config.src_db)
+        ),
+    );
+
+    let mut registered = false;
+    while !stop_requested() {
+        if let Err(e) = w.pick_up_reload() {
+            w.failed(e);
+            continue;
+        }
+        if !registered {
+            let (q, c) = (w.config.pgq_queue_name.clone(), w.config.pgq_consumer_id.clone());
+            let source = &mut w.source;
+            match in_transaction(|| {
+                source.register(&q, &c);
+                Ok(())
+            }) {
+                Ok(()) => registered = true,
+                Err(e) => {
+                    w.failed(e);
+                    continue;
+                }
+            }
+        }
+        match w.step() {
+            Ok(Step::Idle) => {
+                w.idle();
+                wait(Duration::from_secs_f64(w.config.loop_delay));
+            }
+            Ok(Step::Done { batch_id, events, created }) => {
+                for t in &created {
+                    w.log(LogLevel::Normal, &format!("created partition {t}"));
+                }
+                w.log(LogLevel::Verbose, &format!("batch {batch_id}: {events} events written"));
+                w.precise = false;
+                w.backoff = Duration::from_secs(1);
+                w.count(events);
+                pg_sys::check_for_interrupts!();
+                process_config_reload();
+            }
+            Err(e) => w.failed(e),
+        }
+    }
+    let _ = in_transaction(|| {
+        w.source.disconnect();
+        state::set_stopped(&job, Some(pid));
+        Ok(())
+    });
+    w.log(LogLevel::Normal, "stopped");
+}
