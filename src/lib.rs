@@ -10,12 +10,23 @@ pub mod route;
 
 pub mod api;
 pub mod apply;
+pub mod launcher;
 pub mod source;
 pub mod spi;
 pub mod state;
 pub mod worker;
 
 ::pgrx::pg_module_magic!(name, version);
+
+/// Job settings are placeholders (`cube_dispatcher.<job>.<option>`) read by start(), so the
+/// `cube_dispatcher` prefix is deliberately not reserved here.
+#[pgrx::pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    launcher::register_gucs();
+    if unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress } {
+        launcher::register_launcher();
+    }
+}
 
 ::pgrx::extension_sql_file!("../sql/schema.sql", name = "schema", requires = [api::mask_password_sql]);
 
