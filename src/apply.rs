@@ -11,6 +11,7 @@ use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use pgrx::PgTryBuilder;
 use std::collections::HashMap;
+use std::rc::Rc;
 use std::ffi::{CStr, CString};
 use std::panic::AssertUnwindSafe;
 use thiserror::Error;
@@ -57,24 +58,34 @@ pub fn quote_ident(name: &str) -> String {
 
 struct Partition {
     qualified: String,
+    relid: pg_sys::Oid,
+    /// COPY is equivalent to INSERT here (privilege held, no row security): use the fast path.
+    copy_ok: bool,
     /// column name -> type to cast the text value to (None: a string type, no cast needed)
     columns: HashMap<String, Option<String>>,
 }
 
-/// One batch being applied. Partition lookups are cached for the batch (a batch has one suffix).
+/// One batch being applied. Partitions are looked up once per batch (a batch has one suffix).
 pub struct BatchWriter<'a> {
     job: &'a JobConfig,
     suffix: Option<String>,
-    partitions: HashMap<TableName, Partition>,
+    partitions: Vec<Partition>,
+    by_name: HashMap<TableName, usize>,
+    /// Consecutive events mostly repeat the previous one's ev_extra1 and ev_type: reuse their
+    /// parsed form instead of parsing and hashing again.
+    last_table: Option<(String, usize)>,
+    last_type: Option<(String, Op, Rc<Vec<String>>)>,
     pub created: Vec<String>,
 }
 
 /// Runs one SQL statement; a PostgreSQL error becomes an Err so the caller can say which events
 /// and table it was about. The transaction is aborted by the caller right after.
 fn run_sql(sql: &str, args: &[DatumWithOid]) -> Result<(), String> {
-    PgTryBuilder::new(AssertUnwindSafe(|| Spi::run_with_args(sql, args).map_err(|e| e.to_string())))
-        .catch_others(|e| Err(caught_message(&e)))
-        .execute()
+    catching(|| Spi::run_with_args(sql, args).map_err(|e| e.to_string()))
+}
+
+fn catching<R>(f: impl FnOnce() -> Result<R, String>) -> Result<R, String> {
+    PgTryBuilder::new(AssertUnwindSafe(f)).catch_others(|e| Err(caught_message(&e))).execute()
 }
 
 pub fn caught_message(e: &pg_sys::panic::CaughtError) -> String {
@@ -92,28 +103,79 @@ pub fn caught_message(e: &pg_sys::panic::CaughtError) -> String {
 
 impl<'a> BatchWriter<'a> {
     pub fn new(job: &'a JobConfig, suffix: Option<String>) -> Self {
-        BatchWriter { job, suffix, partitions: HashMap::new(), created: Vec::new() }
+        BatchWriter {
+            job,
+            suffix,
+            partitions: Vec::new(),
+            by_name: HashMap::new(),
+            last_table: None,
+            last_type: None,
+            created: Vec::new(),
+        }
+    }
+
+    /// The partition index for ev_extra1, opening (or creating) the partition on first sight.
+    fn destination(&mut self, ev: &RawEvent, pkey: &[String]) -> Result<usize, ApplyError> {
+        let raw = ev.ev_extra1.as_deref();
+        if let (Some((last, i)), Some(raw)) = (&self.last_table, raw) {
+            if last == raw {
+                return Ok(*i);
+            }
+        }
+        let fail = |cause: EventError| ApplyError::Event { ev_id: ev.ev_id, table: raw.unwrap_or("(null)").to_string(), cause };
+        let parent = decode::parse_table(raw).map_err(|e| fail(e.into()))?;
+        let dest = route::partition_of(&parent, self.suffix.as_deref()).map_err(|e| fail(e.into()))?;
+        let i = match self.by_name.get(&dest) {
+            Some(&i) => i,
+            None => {
+                let p = self.open_partition(&dest, &parent, pkey).map_err(|cause| ApplyError::Event {
+                    ev_id: ev.ev_id,
+                    table: route::qualified(&parent, &quote_ident),
+                    cause,
+                })?;
+                self.partitions.push(p);
+                self.by_name.insert(dest, self.partitions.len() - 1);
+                self.partitions.len() - 1
+            }
+        };
+        self.last_table = raw.map(|r| (r.to_string(), i));
+        Ok(i)
+    }
+
+    fn event_type(&mut self, ev: &RawEvent) -> Result<(Op, Rc<Vec<String>>), EventError> {
+        let raw = ev.ev_type.as_deref().unwrap_or("");
+        if let Some((last, op, pkey)) = &self.last_type {
+            if last == raw {
+                return Ok((*op, pkey.clone()));
+            }
+        }
+        let ty = decode::parse_ev_type(raw)?;
+        let pkey = Rc::new(ty.pkey);
+        self.last_type = Some((raw.to_string(), ty.op, pkey.clone()));
+        Ok((ty.op, pkey))
     }
 
     /// Decodes, checks and routes one event. Every failure names the event and its table.
-    fn change(&self, ev: &RawEvent) -> Result<(Change, TableName), ApplyError> {
-        let raw_table = ev.ev_extra1.clone().unwrap_or_else(|| "(null)".into());
-        let fail = |cause: EventError| ApplyError::Event { ev_id: ev.ev_id, table: raw_table.clone(), cause };
-        let parent = decode::parse_table(ev.ev_extra1.as_deref()).map_err(|e| fail(e.into()))?;
-        let ty = decode::parse_ev_type(ev.ev_type.as_deref().unwrap_or("")).map_err(|e| fail(e.into()))?;
+    fn change<'e>(&mut self, ev: &'e RawEvent) -> Result<Change<'e>, ApplyError> {
+        let fail = |cause: EventError| ApplyError::Event {
+            ev_id: ev.ev_id,
+            table: ev.ev_extra1.clone().unwrap_or_else(|| "(null)".into()),
+            cause,
+        };
+        let (op, pkey) = self.event_type(ev).map_err(fail)?;
         let row = decode::parse_row(ev.ev_data.as_deref()).map_err(|e| fail(e.into()))?;
         match self.job.mode {
-            Mode::KeepAll if ty.op == Op::Delete => return Err(fail(EventError::DeleteInKeepAll)),
-            Mode::KeepLatest if ty.pkey.is_empty() => return Err(fail(EventError::NoPrimaryKey)),
-            _ => {}
-        }
-        if let Some(k) = ty.pkey.iter().find(|k| !row.iter().any(|(c, _)| c == *k)) {
-            if self.job.mode == Mode::KeepLatest {
-                return Err(fail(EventError::KeyColumnMissing(k.clone())));
+            Mode::KeepAll if op == Op::Delete => return Err(fail(EventError::DeleteInKeepAll)),
+            Mode::KeepLatest if pkey.is_empty() => return Err(fail(EventError::NoPrimaryKey)),
+            Mode::KeepLatest => {
+                if let Some(k) = pkey.iter().find(|k| !row.iter().any(|(c, _)| c == *k)) {
+                    return Err(fail(EventError::KeyColumnMissing(k.clone())));
+                }
             }
+            Mode::KeepAll => {}
         }
-        let dest = route::partition_of(&parent, self.suffix.as_deref()).map_err(|e| fail(e.into()))?;
-        Ok((Change { ev_id: ev.ev_id, op: ty.op, dest, pkey: ty.pkey, row }, parent))
+        let dest = self.destination(ev, &pkey)?;
+        Ok(Change { ev_id: ev.ev_id, op, dest, pkey, row })
     }
 
     /// Applies a run of events in order. Callers pass the batch in chunks; chunks are applied one
@@ -121,24 +183,7 @@ impl<'a> BatchWriter<'a> {
     pub fn apply(&mut self, events: &[RawEvent]) -> Result<(), ApplyError> {
         let mut changes = Vec::with_capacity(events.len());
         for ev in events {
-            let (ch, parent) = self.change(ev)?;
-            if !self.partitions.contains_key(&ch.dest) {
-                let p = self.open_partition(&ch, &parent).map_err(|cause| ApplyError::Event {
-                    ev_id: ch.ev_id,
-                    table: route::qualified(&parent, &quote_ident),
-                    cause,
-                })?;
-                self.partitions.insert(ch.dest.clone(), p);
-            }
-            let part = &self.partitions[&ch.dest];
-            if let Some((c, _)) = ch.row.iter().find(|(c, _)| !part.columns.contains_key(c)) {
-                return Err(ApplyError::Event {
-                    ev_id: ch.ev_id,
-                    table: part.qualified.clone(),
-                    cause: EventError::NoSuchColumn { column: c.clone(), table: part.qualified.clone() },
-                });
-            }
-            changes.push(ch);
+            changes.push(self.change(ev)?);
         }
         let plan = plan::plan(&changes, self.job.mode);
         for d in &plan.deletes {
@@ -150,16 +195,30 @@ impl<'a> BatchWriter<'a> {
         Ok(())
     }
 
+    /// The first column (in event order) that the partition lacks, named in the error.
+    fn check_columns<'c>(&self, dest: usize, ev_id: i64, columns: impl Iterator<Item = &'c str>) -> Result<(), ApplyError> {
+        let part = &self.partitions[dest];
+        for c in columns {
+            if !part.columns.contains_key(c) {
+                return Err(ApplyError::Event {
+                    ev_id,
+                    table: part.qualified.clone(),
+                    cause: EventError::NoSuchColumn { column: c.to_string(), table: part.qualified.clone() },
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Finds the partition, creating it from the template when missing. Two jobs may need the same
     /// new partition at once: the creation runs under a transaction-level advisory lock on the
     /// name and re-checks, so the second waits for the first to commit and then finds the table.
-    fn open_partition(&mut self, ch: &Change, parent: &TableName) -> Result<Partition, EventError> {
-        let qualified = route::qualified(&ch.dest, &quote_ident);
-        let exists = |name: &str| -> Result<bool, EventError> {
-            Spi::get_one_with_args::<bool>("SELECT to_regclass($1) IS NOT NULL", &[name.into()])
-                .map(|b| b.unwrap_or(false))
-                .map_err(|e| EventError::Sql(e.to_string()))
+    fn open_partition(&mut self, dest: &TableName, parent: &TableName, pkey: &[String]) -> Result<Partition, EventError> {
+        let qualified = route::qualified(dest, &quote_ident);
+        let relid = |name: &str| -> Result<Option<pg_sys::Oid>, EventError> {
+            catching(|| Ok(crate::spi::value::<pg_sys::Oid>("SELECT to_regclass($1)::oid", &[name.into()]))).map_err(EventError::Sql)
         };
+        let exists = |name: &str| relid(name).map(|r| r.is_some());
         if !exists(&qualified)? {
             let template = match &self.job.part_template {
                 Some(t) if t.trim().is_empty() => return Err(EventError::NoPartition(qualified)),
@@ -176,11 +235,12 @@ impl<'a> BatchWriter<'a> {
                 if !exists(&parent_q)? {
                     return Err(EventError::NoParent(parent_q));
                 }
-                let ddl = route::render_template(template, &ch.dest, parent, &ch.pkey, &quote_ident);
+                let ddl = route::render_template(template, dest, parent, pkey, &quote_ident);
                 run_sql(&ddl, &[]).map_err(|cause| EventError::Template { table: qualified.clone(), cause })?;
                 self.created.push(qualified.clone());
             }
         }
+        let oid = relid(&qualified)?.ok_or_else(|| EventError::NoPartition(qualified.clone()))?;
         // format_type without typmod: the cast goes to the base type and the column's own
         // typmod is then enforced by the INSERT (a too-long varchar errors instead of truncating).
         let columns = Spi::connect(|c| {
@@ -189,9 +249,9 @@ impl<'a> BatchWriter<'a> {
                         CASE WHEN t.typcategory = 'S' AND t.typtype <> 'd' THEN NULL
                              ELSE format_type(a.atttypid, NULL) END
                    FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
-                  WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped",
+                  WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped",
                 None,
-                &[qualified.as_str().into()],
+                &[oid.into()],
             )?;
             let mut m = HashMap::new();
             for r in rows {
@@ -200,10 +260,10 @@ impl<'a> BatchWriter<'a> {
             Ok::<_, pgrx::spi::Error>(m)
         })
         .map_err(|e| EventError::Sql(e.to_string()))?;
-        Ok(Partition { qualified, columns })
+        Ok(Partition { qualified, relid: oid, copy_ok: crate::copy_in::usable(oid), columns })
     }
 
-    fn cast(&self, dest: &TableName, column: &str, value: &str) -> String {
+    fn cast(&self, dest: usize, column: &str, value: &str) -> String {
         match &self.partitions[dest].columns[column] {
             Some(ty) => format!("{value}::{ty}"),
             None => value.to_string(),
@@ -211,68 +271,50 @@ impl<'a> BatchWriter<'a> {
     }
 
     fn insert(&self, g: &InsertGroup, changes: &[Change]) -> Result<(), ApplyError> {
-        let part = &self.partitions[&g.dest];
-        let n = g.columns.len();
-        let cols: Vec<String> = g.columns.iter().map(|c| quote_ident(c)).collect();
-        let exprs: Vec<String> = (0..n).map(|i| self.cast(&g.dest, &g.columns[i], &format!("u.c{i}"))).collect();
-        let arrays: Vec<String> = (1..=n).map(|i| format!("${i}::text[]")).collect();
-        let aliases: Vec<String> = (0..n).map(|i| format!("c{i}")).collect();
-        let sql = format!(
-            "INSERT INTO {} ({}) SELECT {} FROM unnest({}) AS u({})",
-            part.qualified,
-            cols.join(", "),
-            exprs.join(", "),
-            arrays.join(", "),
-            aliases.join(", ")
-        );
-        let mut values: Vec<Vec<Option<String>>> = vec![Vec::with_capacity(g.rows.len()); n];
-        for &i in &g.rows {
-            for (col, (_, v)) in changes[i].row.iter().enumerate() {
-                values[col].push(v.clone());
-            }
-        }
-        let (first, last) = (changes[g.rows[0]].ev_id, changes[*g.rows.last().unwrap()].ev_id);
+        let part = &self.partitions[g.dest];
+        let head = &changes[g.rows[0]];
+        self.check_columns(g.dest, head.ev_id, head.row.iter().map(|(c, _)| c.as_ref()))?;
+        let columns: Vec<&str> = head.row.iter().map(|(c, _)| c.as_ref()).collect();
+        let (first, last) = (head.ev_id, changes[*g.rows.last().unwrap()].ev_id);
+        let fail = |cause| self.statement_error(first, last, part, cause);
+        let n = columns.len();
         if n == 0 {
-            // an event with no columns: a row of defaults for each
+            // events without columns: a row of defaults each
             let sql = format!("INSERT INTO {} SELECT FROM generate_series(1, $1)", part.qualified);
-            return run_sql(&sql, &[(g.rows.len() as i64).into()])
-                .map_err(|cause| self.statement_error(first, last, part, cause));
+            return run_sql(&sql, &[(g.rows.len() as i64).into()]).map_err(fail);
         }
-        let args: Vec<DatumWithOid> = values.into_iter().map(DatumWithOid::from).collect();
-        run_sql(&sql, &args).map_err(|cause| self.statement_error(first, last, part, cause))
+        if part.copy_ok {
+            let mut buf = Vec::with_capacity(g.rows.len() * 32 * n);
+            for &i in &g.rows {
+                for (col, (_, v)) in changes[i].row.iter().enumerate() {
+                    if col > 0 {
+                        buf.push(b'\t');
+                    }
+                    crate::copy_in::push_value(&mut buf, v.as_deref());
+                }
+                buf.push(b'\n');
+            }
+            return catching(|| Ok(crate::copy_in::copy_rows(part.relid, &columns, &buf))).map(|_| ()).map_err(fail);
+        }
+        // INSERT checks privileges and row security itself, and says why it refuses
+        let cols: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
+        let exprs: Vec<String> = (0..n).map(|i| self.cast(g.dest, columns[i], &format!("u.c{i}"))).collect();
+        let sql = format!("INSERT INTO {} ({}) SELECT {} FROM {}", part.qualified, cols.join(", "), exprs.join(", "), unnest_from("u", n));
+        let rows = g.rows.iter().map(|&i| changes[i].row.iter().map(|(_, v)| v.as_deref()).collect::<Vec<_>>());
+        run_sql(&sql, &column_arrays(n, rows)).map_err(fail)
     }
 
     fn delete(&self, d: &DeleteGroup) -> Result<(), ApplyError> {
-        let part = &self.partitions[&d.dest];
-        if let Some(k) = d.key_columns.iter().find(|k| !part.columns.contains_key(*k)) {
-            return Err(ApplyError::Event {
-                ev_id: d.ev_ids[0],
-                table: part.qualified.clone(),
-                cause: EventError::NoSuchColumn { column: k.clone(), table: part.qualified.clone() },
-            });
-        }
+        let part = &self.partitions[d.dest];
+        self.check_columns(d.dest, d.ev_ids[0], d.key_columns.iter().map(String::as_str))?;
         let n = d.key_columns.len();
         let conds: Vec<String> = (0..n)
-            .map(|i| format!("t.{} = {}", quote_ident(&d.key_columns[i]), self.cast(&d.dest, &d.key_columns[i], &format!("k.c{i}"))))
+            .map(|i| format!("t.{} = {}", quote_ident(&d.key_columns[i]), self.cast(d.dest, &d.key_columns[i], &format!("k.c{i}"))))
             .collect();
-        let arrays: Vec<String> = (1..=n).map(|i| format!("${i}::text[]")).collect();
-        let aliases: Vec<String> = (0..n).map(|i| format!("c{i}")).collect();
-        let sql = format!(
-            "DELETE FROM {} t USING unnest({}) AS k({}) WHERE {}",
-            part.qualified,
-            arrays.join(", "),
-            aliases.join(", "),
-            conds.join(" AND ")
-        );
-        let mut values: Vec<Vec<Option<String>>> = vec![Vec::with_capacity(d.keys.len()); n];
-        for key in &d.keys {
-            for (i, v) in key.iter().enumerate() {
-                values[i].push(v.clone());
-            }
-        }
-        let args: Vec<DatumWithOid> = values.into_iter().map(DatumWithOid::from).collect();
+        let sql = format!("DELETE FROM {} t USING {} WHERE {}", part.qualified, unnest_from("k", n), conds.join(" AND "));
         let (first, last) = (*d.ev_ids.iter().min().unwrap(), *d.ev_ids.iter().max().unwrap());
-        run_sql(&sql, &args).map_err(|cause| self.statement_error(first, last, part, cause))
+        let keys = d.keys.iter().map(|k| k.iter().map(|v| v.as_deref()).collect::<Vec<_>>());
+        run_sql(&sql, &column_arrays(n, keys)).map_err(|cause| self.statement_error(first, last, part, cause))
     }
 
     fn statement_error(&self, first: i64, last: i64, part: &Partition, cause: String) -> ApplyError {
@@ -282,4 +324,22 @@ impl<'a> BatchWriter<'a> {
             ApplyError::Statement { first_ev_id: first, last_ev_id: last, table: part.qualified.clone(), cause }
         }
     }
+}
+
+/// `unnest($1::text[], .., $n::text[]) AS alias(c0, .., c{n-1})`: n parallel arrays as rows.
+fn unnest_from(alias: &str, n: usize) -> String {
+    let arrays: Vec<String> = (1..=n).map(|i| format!("${i}::text[]")).collect();
+    let names: Vec<String> = (0..n).map(|i| format!("c{i}")).collect();
+    format!("unnest({}) AS {alias}({})", arrays.join(", "), names.join(", "))
+}
+
+/// Rows of n values turned into n text[] parameters, one per column.
+fn column_arrays<'a, 'v>(n: usize, rows: impl Iterator<Item = Vec<Option<&'v str>>>) -> Vec<DatumWithOid<'a>> {
+    let mut columns: Vec<Vec<Option<String>>> = vec![Vec::new(); n];
+    for row in rows {
+        for (i, v) in row.into_iter().enumerate() {
+            columns[i].push(v.map(str::to_string));
+        }
+    }
+    columns.into_iter().map(DatumWithOid::from).collect()
 }

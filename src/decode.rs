@@ -2,6 +2,7 @@
 //! `ev_extra1`. Pure Rust so it is tested without a server.
 
 use percent_encoding::percent_decode;
+use std::borrow::Cow;
 use thiserror::Error;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -36,7 +37,8 @@ pub struct TableName {
 }
 
 /// One decoded row: column names in the order the trigger wrote them, `None` for SQL NULL.
-pub type Row = Vec<(String, Option<String>)>;
+/// Names and values borrow from ev_data unless they had escapes: most need no copy.
+pub type Row<'a> = Vec<(Cow<'a, str>, Option<Cow<'a, str>>)>;
 
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -105,9 +107,9 @@ pub fn parse_table(ev_extra1: Option<&str>) -> Result<TableName, DecodeError> {
 
 /// logutriga's url encoding: `a=1&b&c=` is a=1, b NULL, c ''. '+' is a space, `%XX` a byte;
 /// names are encoded the same way as values.
-pub fn parse_row(ev_data: Option<&str>) -> Result<Row, DecodeError> {
+pub fn parse_row(ev_data: Option<&str>) -> Result<Row<'_>, DecodeError> {
     let data = ev_data.ok_or(DecodeError::NoData)?;
-    let mut row: Row = Vec::new();
+    let mut row: Row = Vec::with_capacity(data.len() / 8);
     if data.is_empty() {
         return Ok(row);
     }
@@ -121,7 +123,7 @@ pub fn parse_row(ev_data: Option<&str>) -> Result<Row, DecodeError> {
             return Err(DecodeError::EmptyColumn);
         }
         if row.iter().any(|(n, _)| *n == name) {
-            return Err(DecodeError::DuplicateColumn(name));
+            return Err(DecodeError::DuplicateColumn(name.into_owned()));
         }
         let value = value.map(|v| unescape(v, "a value")).transpose()?;
         row.push((name, value));
@@ -131,8 +133,11 @@ pub fn parse_row(ev_data: Option<&str>) -> Result<Row, DecodeError> {
 
 /// percent_decode lets malformed escapes through as literal text; a malformed escape here means
 /// the event was not made by logutriga, so it is refused rather than guessed at.
-fn unescape(s: &str, what: &'static str) -> Result<String, DecodeError> {
+fn unescape<'a>(s: &'a str, what: &'static str) -> Result<Cow<'a, str>, DecodeError> {
     let bytes = s.as_bytes();
+    if !bytes.iter().any(|&b| b == b'%' || b == b'+') {
+        return Ok(Cow::Borrowed(s));
+    }
     let mut i = 0;
     while let Some(off) = bytes[i..].iter().position(|&b| b == b'%') {
         let at = i + off;
@@ -154,15 +159,15 @@ fn unescape(s: &str, what: &'static str) -> Result<String, DecodeError> {
         // PostgreSQL text cannot hold NUL; say so here instead of failing later in an input function.
         return Err(DecodeError::BadUtf8 { what });
     }
-    String::from_utf8(decoded).map_err(|_| DecodeError::BadUtf8 { what })
+    String::from_utf8(decoded).map(Cow::Owned).map_err(|_| DecodeError::BadUtf8 { what })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn s(v: &str) -> Option<String> {
-        Some(v.to_string())
+    fn s(v: &str) -> Option<Cow<'static, str>> {
+        Some(Cow::Owned(v.to_string()))
     }
 
     #[test]
@@ -210,7 +215,7 @@ mod tests {
 
     #[test]
     fn row_cases() {
-        let cases: &[(&str, Result<Row, DecodeError>)] = &[
+        let cases: &[(&str, Result<Row<'static>, DecodeError>)] = &[
             // straight from PgQ's own regression output
             ("id=1&txt=text1&val", Ok(vec![("id".into(), s("1")), ("txt".into(), s("text1")), ("val".into(), None)])),
             ("id=2&txt&val=1.5", Ok(vec![("id".into(), s("2")), ("txt".into(), None), ("val".into(), s("1.5"))])),

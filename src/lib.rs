@@ -4,6 +4,7 @@
 //! transaction) -> source (finish batch). worker drives it; api is what SQL calls.
 
 pub mod config;
+pub mod copy_in;
 pub mod decode;
 pub mod plan;
 pub mod route;
@@ -30,10 +31,10 @@ pub extern "C-unwind" fn _PG_init() {
 
 ::pgrx::extension_sql_file!("../sql/schema.sql", name = "schema", requires = [api::mask_password_sql]);
 
-#[cfg(any(test, feature = "pg_test"))]
+// Only in builds for `cargo pgrx test` (feature pg_test), so plain `cargo test` stays server-free.
+#[cfg(feature = "pg_test")]
 #[path = "../pgrx-tests/mod.rs"]
-#[pgrx::pg_schema]
-mod tests;
+mod pgrx_tests;
 
 /// Used by `cargo pgrx test`: its cluster preloads the library as production setups do.
 #[cfg(test)]

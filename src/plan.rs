@@ -3,73 +3,82 @@
 //! versions of a key to the last one. Pure Rust: the collapse is checked against a one-by-one
 //! reference in the unit tests.
 
-use crate::decode::{Op, Row, TableName};
+use crate::decode::{Op, Row};
 use crate::route::Mode;
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::rc::Rc;
 
-/// One event, decoded and routed to its destination partition.
+/// One event, decoded and routed. `dest` indexes the batch's list of partitions; `pkey` is shared
+/// by all events that carried the same ev_type.
 #[derive(Debug, Clone)]
-pub struct Change {
+pub struct Change<'a> {
     pub ev_id: i64,
     pub op: Op,
-    pub dest: TableName,
-    pub pkey: Vec<String>,
-    pub row: Row,
+    pub dest: usize,
+    pub pkey: Rc<Vec<String>>,
+    pub row: Row<'a>,
 }
 
-impl Change {
+type Value<'a> = Option<Cow<'a, str>>;
+
+impl<'a> Change<'a> {
     /// The key's values in `pkey` order; callers have checked every key column is in the row.
-    pub fn key_values(&self) -> Vec<Option<String>> {
+    pub fn key_values(&self) -> Vec<Value<'a>> {
         self.pkey.iter().map(|k| self.row.iter().find(|(c, _)| c == k).and_then(|(_, v)| v.clone())).collect()
+    }
+
+    fn same_columns(&self, other: &Change) -> bool {
+        self.row.len() == other.row.len() && self.row.iter().zip(&other.row).all(|((a, _), (b, _))| a == b)
     }
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct DeleteGroup {
-    pub dest: TableName,
-    pub key_columns: Vec<String>,
+pub struct DeleteGroup<'a> {
+    pub dest: usize,
+    pub key_columns: Rc<Vec<String>>,
     /// One entry per key, values in key_columns order.
-    pub keys: Vec<Vec<Option<String>>>,
+    pub keys: Vec<Vec<Value<'a>>>,
     pub ev_ids: Vec<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct InsertGroup {
-    pub dest: TableName,
-    pub columns: Vec<String>,
-    /// Indexes into the changes slice, in event order.
+    pub dest: usize,
+    /// Indexes into the changes slice, in event order; all these rows have the same columns.
     pub rows: Vec<usize>,
 }
 
 #[derive(Debug, Default, PartialEq)]
-pub struct Plan {
-    pub deletes: Vec<DeleteGroup>,
+pub struct Plan<'a> {
+    pub deletes: Vec<DeleteGroup<'a>>,
     pub inserts: Vec<InsertGroup>,
 }
 
 /// keep_all: every I/U becomes an inserted row (D is refused before planning).
 /// keep_latest: every key touched is deleted, then the last version of each key whose last event
 /// is I/U is inserted; this leaves the same rows as applying the events one by one.
-pub fn plan(changes: &[Change], mode: Mode) -> Plan {
+pub fn plan<'a>(changes: &[Change<'a>], mode: Mode) -> Plan<'a> {
     let mut plan = Plan::default();
     let survivors: Vec<usize> = match mode {
         Mode::KeepAll => (0..changes.len()).filter(|&i| changes[i].op != Op::Delete).collect(),
         Mode::KeepLatest => {
-            let mut last: HashMap<(&TableName, &[String], Vec<Option<String>>), usize> = HashMap::new();
-            let mut order = Vec::new();
+            type Key<'k, 'a> = (usize, &'k [String], Vec<Value<'a>>);
+            let mut last: HashMap<Key, usize> = HashMap::with_capacity(changes.len());
+            let mut order: Vec<Key> = Vec::new();
             for (i, ch) in changes.iter().enumerate() {
-                let key = (&ch.dest, ch.pkey.as_slice(), ch.key_values());
+                let key = (ch.dest, ch.pkey.as_slice(), ch.key_values());
                 if last.insert(key.clone(), i).is_none() {
                     order.push(key);
                 }
             }
-            let mut delete_index: HashMap<(&TableName, &[String]), usize> = HashMap::new();
+            let mut delete_index: HashMap<(usize, &[String]), usize> = HashMap::new();
             for key in &order {
                 let i = last[key];
                 let g = *delete_index.entry((key.0, key.1)).or_insert_with(|| {
                     plan.deletes.push(DeleteGroup {
-                        dest: key.0.clone(),
-                        key_columns: key.1.to_vec(),
+                        dest: key.0,
+                        key_columns: changes[i].pkey.clone(),
                         keys: Vec::new(),
                         ev_ids: Vec::new(),
                     });
@@ -83,19 +92,24 @@ pub fn plan(changes: &[Change], mode: Mode) -> Plan {
             keep
         }
     };
-    let mut insert_index: HashMap<(&TableName, Vec<&str>), usize> = HashMap::new();
+    // Consecutive events usually share table and columns: compare with the previous event's
+    // group before hashing the column list.
+    let mut insert_index: HashMap<(usize, Vec<&str>), usize> = HashMap::new();
+    let mut prev: Option<(usize, usize)> = None; // (change index, group)
     for i in survivors {
         let ch = &changes[i];
-        let cols: Vec<&str> = ch.row.iter().map(|(c, _)| c.as_str()).collect();
-        let g = *insert_index.entry((&ch.dest, cols)).or_insert_with(|| {
-            plan.inserts.push(InsertGroup {
-                dest: ch.dest.clone(),
-                columns: ch.row.iter().map(|(c, _)| c.clone()).collect(),
-                rows: Vec::new(),
-            });
-            plan.inserts.len() - 1
-        });
+        let g = match prev {
+            Some((p, g)) if changes[p].dest == ch.dest && changes[p].same_columns(ch) => g,
+            _ => {
+                let cols: Vec<&str> = ch.row.iter().map(|(c, _)| c.as_ref()).collect();
+                *insert_index.entry((ch.dest, cols)).or_insert_with(|| {
+                    plan.inserts.push(InsertGroup { dest: ch.dest, rows: Vec::new() });
+                    plan.inserts.len() - 1
+                })
+            }
+        };
         plan.inserts[g].rows.push(i);
+        prev = Some((i, g));
     }
     plan
 }
@@ -105,26 +119,22 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
-    fn t(n: &str) -> TableName {
-        TableName { schema: "public".into(), table: n.into() }
-    }
-
-    fn ch(ev_id: i64, op: Op, table: &str, id: i64, val: &str) -> Change {
+    fn ch(ev_id: i64, op: Op, dest: usize, id: i64, val: &str) -> Change<'static> {
         Change {
             ev_id,
             op,
-            dest: t(table),
-            pkey: vec!["id".into()],
-            row: vec![("id".into(), Some(id.to_string())), ("val".into(), Some(val.into()))],
+            dest,
+            pkey: Rc::new(vec!["id".into()]),
+            row: vec![("id".into(), Some(id.to_string().into())), ("val".into(), Some(val.to_string().into()))],
         }
     }
 
-    type Tables = BTreeMap<TableName, Vec<Row>>;
+    type Tables = BTreeMap<usize, Vec<Row<'static>>>;
 
     /// The original's way: for each event in order, delete the key, then insert unless D.
-    fn one_by_one(mut db: Tables, changes: &[Change]) -> Tables {
+    fn one_by_one(mut db: Tables, changes: &[Change<'static>]) -> Tables {
         for c in changes {
-            let rows = db.entry(c.dest.clone()).or_default();
+            let rows = db.entry(c.dest).or_default();
             let key = c.key_values();
             rows.retain(|r| c.pkey.iter().map(|k| r.iter().find(|(n, _)| n == k).and_then(|(_, v)| v.clone())).collect::<Vec<_>>() != key);
             if c.op != Op::Delete {
@@ -134,15 +144,15 @@ mod tests {
         db
     }
 
-    fn apply_plan(mut db: Tables, changes: &[Change], p: &Plan) -> Tables {
+    fn apply_plan(mut db: Tables, changes: &[Change<'static>], p: &Plan) -> Tables {
         for d in &p.deletes {
-            let rows = db.entry(d.dest.clone()).or_default();
+            let rows = db.entry(d.dest).or_default();
             rows.retain(|r| !d.keys.iter().any(|key| d.key_columns.iter().map(|k| r.iter().find(|(n, _)| n == k).and_then(|(_, v)| v.clone())).collect::<Vec<_>>() == *key));
         }
         for g in &p.inserts {
             for &i in &g.rows {
-                assert_eq!(changes[i].row.iter().map(|(c, _)| c.clone()).collect::<Vec<_>>(), g.columns);
-                db.entry(g.dest.clone()).or_default().push(changes[i].row.clone());
+                assert!(changes[i].same_columns(&changes[g.rows[0]]), "one group, one column list");
+                db.entry(g.dest).or_default().push(changes[i].row.clone());
             }
         }
         db
@@ -151,8 +161,8 @@ mod tests {
     /// Rows that were in the partitions before the batch, so deletes have something to remove.
     fn existing() -> Tables {
         let mut db = Tables::new();
-        for table in ["a", "b"] {
-            db.insert(t(table), (0..8).step_by(2).map(|id| ch(-1, Op::Insert, table, id, "old").row).collect());
+        for table in [0, 1] {
+            db.insert(table, (0..8).step_by(2).map(|id| ch(-1, Op::Insert, table, id, "old").row).collect());
         }
         db
     }
@@ -167,27 +177,26 @@ mod tests {
 
     #[test]
     fn keep_all_keeps_every_version_and_groups_by_column_set() {
-        let mut c = vec![ch(1, Op::Insert, "a", 1, "x"), ch(2, Op::Update, "a", 1, "y"), ch(3, Op::Insert, "b", 1, "z")];
+        let mut c = vec![ch(1, Op::Insert, 0, 1, "x"), ch(2, Op::Update, 0, 1, "y"), ch(3, Op::Insert, 0, 1, "z"), ch(4, Op::Insert, 1, 2, "w"), ch(5, Op::Insert, 0, 3, "v")];
         c[2].row.pop();
         let p = plan(&c, Mode::KeepAll);
         assert!(p.deletes.is_empty());
-        assert_eq!(p.inserts.len(), 2);
-        assert_eq!(p.inserts[0].rows, vec![0, 1]);
-        assert_eq!(p.inserts[1].columns, vec!["id".to_string()]);
+        let groups: Vec<(usize, Vec<usize>)> = p.inserts.iter().map(|g| (g.dest, g.rows.clone())).collect();
+        assert_eq!(groups, vec![(0, vec![0, 1, 4]), (0, vec![2]), (1, vec![3])]);
     }
 
     #[test]
     fn keep_latest_collapses_to_last_version() {
         let c = vec![
-            ch(1, Op::Insert, "a", 1, "v1"),
-            ch(2, Op::Update, "a", 1, "v2"),
-            ch(3, Op::Insert, "a", 2, "w1"),
-            ch(4, Op::Delete, "a", 2, "w1"),
-            ch(5, Op::Update, "a", 1, "v3"),
+            ch(1, Op::Insert, 0, 1, "v1"),
+            ch(2, Op::Update, 0, 1, "v2"),
+            ch(3, Op::Insert, 0, 2, "w1"),
+            ch(4, Op::Delete, 0, 2, "w1"),
+            ch(5, Op::Update, 0, 1, "v3"),
         ];
         let p = plan(&c, Mode::KeepLatest);
         assert_eq!(p.deletes.len(), 1);
-        assert_eq!(p.deletes[0].keys, vec![vec![Some("1".to_string())], vec![Some("2".to_string())]]);
+        assert_eq!(p.deletes[0].keys, vec![vec![Some("1".into())], vec![Some("2".into())]]);
         assert_eq!(p.inserts.len(), 1);
         assert_eq!(p.inserts[0].rows, vec![4]);
     }
@@ -210,12 +219,12 @@ mod tests {
             let mut changes = Vec::new();
             for i in 0..n {
                 let op = [Op::Insert, Op::Update, Op::Delete][rng.next(3) as usize];
-                let table = ["a", "b"][rng.next(2) as usize];
+                let table = rng.next(2) as usize;
                 let mut c = ch(i as i64, op, table, rng.next(8) as i64, &format!("r{round}e{i}"));
                 match rng.next(4) {
                     0 => c.row.reverse(),             // same columns, another order: another group
                     1 => c.row[1].1 = None,           // NULL value
-                    2 => c.row.push(("extra".into(), Some(String::new()))),
+                    2 => c.row.push(("extra".into(), Some("".into()))),
                     _ => {}
                 }
                 changes.push(c);

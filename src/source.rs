@@ -34,11 +34,15 @@ pub struct Source {
     lifetime: Duration,
     opened_at: Option<Instant>,
     cursor_open: bool,
+    /// A FETCH sent with dblink_send_query whose result is not read yet: the source produces the
+    /// next chunk while this backend writes the current one.
+    fetch_in_flight: bool,
+    chunk: usize,
 }
 
 impl Source {
     pub fn new(conninfo: &str, lifetime: Duration) -> Source {
-        Source { conninfo: conninfo.to_string(), lifetime, opened_at: None, cursor_open: false }
+        Source { conninfo: conninfo.to_string(), lifetime, opened_at: None, cursor_open: false, fetch_in_flight: false, chunk: 5000 }
     }
 
     /// Takes new settings; a changed connection string or lifetime applies from the next connect.
@@ -62,6 +66,7 @@ impl Source {
         crate::spi::run("SELECT dblink_connect($1, $2)", &[CONN.into(), self.conninfo.as_str().into()]);
         self.opened_at = Some(Instant::now());
         self.cursor_open = false;
+        self.fetch_in_flight = false;
     }
 
     /// Drops the connection (and with it any remote transaction and cursor). Safe to call at any
@@ -73,6 +78,7 @@ impl Source {
         );
         self.opened_at = None;
         self.cursor_open = false;
+        self.fetch_in_flight = false;
     }
 
     /// pgq.register_consumer is a no-op for a consumer that exists.
@@ -125,9 +131,10 @@ impl Source {
         .unwrap_or_else(|e| crate::spi::fail(e))
     }
 
-    /// Declares a remote cursor over the batch's events in ev_id order; events are then read with
-    /// fetch() in chunks, so memory stays bounded however large the batch is.
-    pub fn open_events(&mut self, batch_id: i64) {
+    /// Declares a remote cursor over the batch's events in ev_id order and asks for the first
+    /// chunk. Events are then read with next_chunk(), so memory stays bounded however large the
+    /// batch is.
+    pub fn open_events(&mut self, batch_id: i64, chunk: usize) {
         self.connect();
         self.close_events();
         crate::spi::run(
@@ -137,15 +144,38 @@ impl Source {
             &[CONN.into(), CURSOR.into(), batch_id.into()],
         );
         self.cursor_open = true;
+        self.chunk = chunk;
+        self.send_fetch();
     }
 
-    pub fn fetch(&mut self, n: usize) -> Vec<RawEvent> {
-        Spi::connect(|c| {
+    fn send_fetch(&mut self) {
+        let _: Option<i32> = crate::spi::value(
+            "SELECT dblink_send_query($1, format('FETCH %s FROM %I', $2::int, $3::text))",
+            &[CONN.into(), (self.chunk as i32).into(), CURSOR.into()],
+        );
+        self.fetch_in_flight = true;
+    }
+
+    /// Reads the chunk in flight and, unless it was the last, sends the FETCH for the next one
+    /// before returning, so the source works while the caller writes. Empty: the batch is done.
+    pub fn next_chunk(&mut self) -> Vec<RawEvent> {
+        let events = self.receive();
+        if events.len() == self.chunk {
+            self.send_fetch();
+        }
+        events
+    }
+
+    fn receive(&mut self) -> Vec<RawEvent> {
+        if !self.fetch_in_flight {
+            return Vec::new();
+        }
+        let events = Spi::connect(|c| {
             let rows = c.select(
-                "SELECT ev_id, ev_type, ev_data, ev_extra1 FROM dblink_fetch($1, $2, $3)
+                "SELECT ev_id, ev_type, ev_data, ev_extra1 FROM dblink_get_result($1)
                    AS t(ev_id bigint, ev_type text, ev_data text, ev_extra1 text)",
                 None,
-                &[CONN.into(), CURSOR.into(), (n as i32).into()],
+                &[CONN.into()],
             )?;
             let mut out = Vec::with_capacity(rows.len());
             for row in rows {
@@ -158,11 +188,16 @@ impl Source {
             }
             Ok::<_, pgrx::spi::Error>(out)
         })
-        .unwrap_or_else(|e| crate::spi::fail(e))
+        .unwrap_or_else(|e| crate::spi::fail(e));
+        // dblink needs one more dblink_get_result after each result to free the connection
+        crate::spi::run("SELECT * FROM dblink_get_result($1) AS t(ev_id bigint)", &[CONN.into()]);
+        self.fetch_in_flight = false;
+        events
     }
 
     /// Closing the cursor also ends the remote read transaction dblink_open began.
     pub fn close_events(&mut self) {
+        let _ = self.receive();
         if self.cursor_open {
             crate::spi::run("SELECT dblink_close($1, $2)", &[CONN.into(), CURSOR.into()]);
             self.cursor_open = false;

@@ -48,7 +48,7 @@ impl StepError {
 
 enum Step {
     Idle,
-    Done { batch_id: i64, events: i64, created: Vec<String> },
+    Done { batch_id: i64, events: i64, created: Vec<String>, took: Duration },
 }
 
 /// Launches the job's worker as the calling role, in the calling database; returns its pid.
@@ -131,6 +131,7 @@ impl Worker {
     }
 
     fn step(&mut self) -> Result<Step, StepError> {
+        let started = Instant::now();
         let cfg = self.config.clone();
         let precise = self.precise;
         let source = &mut self.source;
@@ -156,9 +157,9 @@ impl Worker {
             }
             let mut writer = BatchWriter::new(&cfg, info.suffix.clone());
             let mut events = 0i64;
-            source.open_events(batch_id);
+            source.open_events(batch_id, CHUNK_EVENTS);
             loop {
-                let chunk = source.fetch(CHUNK_EVENTS);
+                let chunk = source.next_chunk();
                 if chunk.is_empty() {
                     break;
                 }
@@ -187,7 +188,7 @@ impl Worker {
             Ok(())
         })
         .map_err(|e| StepError::InBatch { batch_id: info.batch_id, inner: Box::new(e) })?;
-        Ok(Step::Done { batch_id: info.batch_id, events, created })
+        Ok(Step::Done { batch_id: info.batch_id, events, created, took: started.elapsed() })
     }
 
     fn count(&mut self, events: i64) {
@@ -368,11 +369,11 @@ pub extern "C-unwind" fn cube_dispatcher_worker_main(arg: pg_sys::Datum) {
                 w.idle();
                 wait(Duration::from_secs_f64(w.config.loop_delay));
             }
-            Ok(Step::Done { batch_id, events, created }) => {
+            Ok(Step::Done { batch_id, events, created, took }) => {
                 for t in &created {
                     w.log(LogLevel::Normal, &format!("created partition {t}"));
                 }
-                w.log(LogLevel::Verbose, &format!("batch {batch_id}: {events} events written"));
+                w.log(LogLevel::Verbose, &format!("batch {batch_id}: {events} events written in {:.3} s", took.as_secs_f64()));
                 w.precise = false;
                 w.backoff = Duration::from_secs(1);
                 w.count(events);
