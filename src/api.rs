@@ -51,6 +51,11 @@ fn start(job: &str) -> i32 {
     if let Some(pid) = state::live_pid(job) {
         error!("cube_dispatcher job {job} is already running (pid {pid})");
     }
+    // Registering here, not only in the worker, makes the contract simple: every event queued
+    // after start() returns is delivered. It also proves src_db and the queue are usable.
+    let mut source = Source::new(&cfg.src_db, Duration::from_secs(60));
+    source.register(&cfg.pgq_queue_name, &cfg.pgq_consumer_id);
+    source.disconnect();
     let role = unsafe { pg_sys::GetUserId() };
     state::save_job(&cfg, role);
     worker::launch(job, role)

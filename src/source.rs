@@ -60,8 +60,9 @@ impl Source {
             if at.elapsed() < self.lifetime {
                 return;
             }
-            self.disconnect();
         }
+        // a connection of that name may be left in this session by an earlier failed call
+        self.disconnect();
         // dblink reports a failed connection with libpq's message, which never contains the password.
         crate::spi::run("SELECT dblink_connect($1, $2)", &[CONN.into(), self.conninfo.as_str().into()]);
         self.opened_at = Some(Instant::now());
