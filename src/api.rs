@@ -47,15 +47,26 @@ fn wait_gone(pid: i32) {
 /// returns the worker's pid. The worker starts work when this transaction commits.
 #[pg_extern]
 fn start(job: &str) -> i32 {
-    let cfg = read_config(job);
     if let Some(pid) = state::live_pid(job) {
         error!("cube_dispatcher job {job} is already running (pid {pid})");
     }
+    let cfg = read_config(job);
     // Registering here, not only in the worker, makes the contract simple: every event queued
     // after start() returns is delivered. It also proves src_db and the queue are usable.
-    let mut source = Source::new(&cfg.src_db, Duration::from_secs(60));
-    source.register(&cfg.pgq_queue_name, &cfg.pgq_consumer_id);
-    source.disconnect();
+    let registered = crate::apply::catching(|| {
+        let mut source = Source::new(&cfg.src_db, Duration::from_secs(60));
+        source.register(&cfg.pgq_queue_name, &cfg.pgq_consumer_id);
+        source.disconnect();
+        Ok(())
+    });
+    if let Err(cause) = registered {
+        error!(
+            "cube_dispatcher job {job}: cannot register consumer {} on queue {} in {}: {cause}",
+            cfg.pgq_consumer_id,
+            cfg.pgq_queue_name,
+            mask_password(&cfg.src_db)
+        );
+    }
     let role = unsafe { pg_sys::GetUserId() };
     state::save_job(&cfg, role);
     worker::launch(job, role)

@@ -84,7 +84,9 @@ fn run_sql(sql: &str, args: &[DatumWithOid]) -> Result<(), String> {
     catching(|| Spi::run_with_args(sql, args).map_err(|e| e.to_string()))
 }
 
-fn catching<R>(f: impl FnOnce() -> Result<R, String>) -> Result<R, String> {
+/// Runs `f`; a PostgreSQL error raised inside becomes Err(message). Only for code that ends its
+/// transaction (or re-raises) right after an error.
+pub fn catching<R>(f: impl FnOnce() -> Result<R, String>) -> Result<R, String> {
     PgTryBuilder::new(AssertUnwindSafe(f)).catch_others(|e| Err(caught_message(&e))).execute()
 }
 

@@ -45,10 +45,11 @@ impl Source {
         Source { conninfo: conninfo.to_string(), lifetime, opened_at: None, cursor_open: false, fetch_in_flight: false, chunk: 5000 }
     }
 
-    /// Takes new settings; a changed connection string or lifetime applies from the next connect.
+    /// Takes new settings; a changed connection string applies from the next connect (which
+    /// drops the old connection first), so this needs no transaction.
     pub fn reconfigure(&mut self, conninfo: &str, lifetime: Duration) {
         if conninfo != self.conninfo {
-            self.disconnect();
+            self.opened_at = None;
             self.conninfo = conninfo.to_string();
         }
         self.lifetime = lifetime;

@@ -306,6 +306,12 @@ pub extern "C-unwind" fn cube_dispatcher_worker_main(arg: pg_sys::Datum) {
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(db), Some(role));
 
     let pid = unsafe { pg_sys::MyProcPid };
+    // The source batch is finished right after our commit: that commit must be durable whatever
+    // the server's default, or a crash could lose a batch the source already forgot.
+    let _ = in_transaction(|| {
+        crate::spi::run("SET synchronous_commit TO on", &[]);
+        Ok(())
+    });
     // Waits for start()'s transaction when it has not committed yet; fails if it rolled back.
     let row = in_transaction(|| {
         state::worker_started(&job, pid);

@@ -70,7 +70,7 @@ impl Cluster {
         let mut conf = format!(
             "port = {port}\nunix_socket_directories = '{}'\nlisten_addresses = ''\n\
              shared_preload_libraries = 'cube_dispatcher'\nmax_worker_processes = 32\nfsync = off\n\
-             synchronous_commit = off\nfull_page_writes = off\nlog_line_prefix = '%m [%p] %b '\n\
+             full_page_writes = off\nlog_line_prefix = '%m [%p] %b '\n\
              log_min_messages = info\n",
             c.dir.display()
         );
@@ -102,6 +102,8 @@ impl Cluster {
         let mut c = server_cmd("pg_ctl");
         c.args(["-D", self.data_dir().to_str().unwrap(), "-l", self.log_path().to_str().unwrap()]);
         c.args(args);
+        // pgrx prints a Rust backtrace with every error when this is set: noise in the server log
+        c.env_remove("RUST_BACKTRACE");
         run(c, &format!("pg_ctl {args:?}"));
     }
 

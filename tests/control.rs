@@ -1,0 +1,223 @@
+//! Job control and configuration: GUCs, start/stop/kill/reload/drop, status, resume, logging.
+mod common;
+use common::{literal, Cluster};
+use std::time::Duration;
+
+const ORDERS: &str = "CREATE TABLE orders (id int PRIMARY KEY, txt text)";
+
+fn setup(c: &Cluster, queue: &str) {
+    c.create_queue(queue);
+    c.source_sql(ORDERS);
+    c.add_logutriga("orders", queue);
+    c.target_sql(ORDERS);
+}
+
+fn pid_alive(c: &Cluster, pid: &str) -> bool {
+    c.value("target", &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}")).as_deref() == Some("1")
+}
+
+#[test]
+fn validation_errors_name_the_setting() {
+    let c = Cluster::start();
+    setup(&c, "q");
+    let src = literal(&c.src_conninfo());
+    let cases: Vec<(String, &str)> = vec![
+        ("SELECT cube_dispatcher.start('v')".into(), "cube_dispatcher.v.src_db is not set"),
+        (format!("SET cube_dispatcher.v.src_db = {src}; SELECT cube_dispatcher.start('v')"), "cube_dispatcher.v.pgq_queue_name is not set"),
+        (format!("SET cube_dispatcher.v.src_db = {src}; SET cube_dispatcher.v.pgq_queue_name = 'q'; SET cube_dispatcher.v.mode = 'keep_some'; SELECT cube_dispatcher.start('v')"), "invalid value \"keep_some\" for cube_dispatcher.v.mode"),
+        (format!("SET cube_dispatcher.v.src_db = {src}; SET cube_dispatcher.v.pgq_queue_name = 'q'; SET cube_dispatcher.v.loop_delay = '-1'; SELECT cube_dispatcher.start('v')"), "for cube_dispatcher.v.loop_delay"),
+        (format!("SET cube_dispatcher.v.src_db = {src}; SET cube_dispatcher.v.pgq_queue_name = 'q'; SET cube_dispatcher.v.log_level = 'loud'; SELECT cube_dispatcher.start('v')"), "for cube_dispatcher.v.log_level"),
+        (format!("SET cube_dispatcher.v.src_db = {src}; SET cube_dispatcher.v.pgq_queue_name = 'q'; SET cube_dispatcher.v.dst_db = 'dbname=elsewhere'; SELECT cube_dispatcher.start('v')"), "for cube_dispatcher.v.dst_db"),
+        (format!("SET cube_dispatcher.v.src_db = {src}; SET cube_dispatcher.v.pgq_queue_name = 'nosuchqueue'; SELECT cube_dispatcher.start('v')"), "nosuchqueue"),
+        ("SELECT cube_dispatcher.start('Bad-Name')".into(), "invalid job name"),
+    ];
+    for (sql, want) in cases {
+        let err = c.try_exec("target", &sql).expect_err(&sql);
+        assert!(err.contains(want), "{sql}\n  -> {err}");
+    }
+    // dst_db naming this database is accepted
+    c.exec("target", &format!("SET cube_dispatcher.v.src_db = {src}; SET cube_dispatcher.v.pgq_queue_name = 'q'; SET cube_dispatcher.v.dst_db = 'dbname=target'; SELECT cube_dispatcher.start('v')"));
+    c.wait_status("v", "state", |s| s == Some("running"));
+    let again = c.try_exec("target", "SELECT cube_dispatcher.start('v')").unwrap_err();
+    assert!(again.contains("job v is already running"), "{again}");
+}
+
+#[test]
+fn settings_from_set_alter_database_and_global_defaults() {
+    let c = Cluster::start();
+    setup(&c, "q");
+    c.create_queue("q2");
+    // a global default for every job, overridden by one job
+    c.target_sql("ALTER DATABASE target SET cube_dispatcher.mode = 'keep_all'");
+    c.configure("a", &[("src_db", &c.src_conninfo()), ("pgq_queue_name", "q")]);
+    c.target_sql("SELECT cube_dispatcher.start('a')");
+    c.exec(
+        "target",
+        &format!(
+            "SET cube_dispatcher.b.src_db = {}; SET cube_dispatcher.b.pgq_queue_name = 'q2'; SET cube_dispatcher.b.mode = 'keep_latest'; SET cube_dispatcher.b.pgq_consumer_id = 'bee'; SELECT cube_dispatcher.start('b')",
+            literal(&c.src_conninfo())
+        ),
+    );
+    assert_eq!(c.status("a", "mode").as_deref(), Some("keep_all"));
+    assert_eq!(c.status("b", "mode").as_deref(), Some("keep_latest"));
+    assert_eq!(c.status("a", "consumer").as_deref(), Some("a"), "pgq_consumer_id defaults to the job name");
+    assert_eq!(c.status("b", "consumer").as_deref(), Some("bee"));
+    // both consumers exist on the source once start() has returned
+    assert_eq!(c.value("source", "SELECT string_agg(consumer_name, ',' ORDER BY 1) FROM pgq.get_consumer_info()").as_deref(), Some("a,bee"));
+}
+
+#[test]
+fn start_status_reload_and_two_jobs_side_by_side() {
+    let c = Cluster::start();
+    setup(&c, "q");
+    c.create_queue("q2");
+    c.source_sql("CREATE TABLE items (id int PRIMARY KEY, name text)");
+    c.add_logutriga("items", "q2");
+    c.target_sql("CREATE TABLE items (id int PRIMARY KEY, name text)");
+    let pid = c.start_job("one", "q", &[("log_level", "verbose")]);
+    c.start_job("two", "q2", &[("mode", "keep_all")]);
+    assert!(pid_alive(&c, &pid.to_string()));
+    assert_eq!(c.status("one", "pid"), Some(pid.to_string()));
+    assert_eq!(c.status("one", "state").as_deref(), Some("running"));
+    assert!(c.status("one", "started_at").is_some());
+
+    c.source_sql("INSERT INTO orders VALUES (1, 'a'); INSERT INTO items VALUES (1, 'x'), (2, 'y')");
+    c.tick("q");
+    c.tick("q2");
+    c.wait_caught_up("q", "one");
+    c.wait_caught_up("q2", "two");
+    let day = c.suffix("YYYY_MM_DD");
+    assert_eq!(c.count("target", &format!("orders_{day}")), 1);
+    assert_eq!(c.count("target", &format!("items_{day}")), 2);
+    assert_eq!(c.status("one", "events_done").as_deref(), Some("1"));
+    assert!(c.status("one", "last_batch_id").is_some() && c.status("one", "last_batch_end").is_some());
+    assert!(c.status("one", "lag").is_some());
+    assert!(c.log().contains("cube_dispatcher job one: batch "), "verbose logs each batch");
+
+    // reload: new dateformat and loop_delay apply at the next batch; the pid stays
+    c.configure("one", &[("dateformat", "YYYY_MM"), ("loop_delay", "0.5")]);
+    assert_eq!(c.value("target", "SELECT cube_dispatcher.reload('one')::text").as_deref(), Some("true"));
+    c.wait_until("reload logged", Duration::from_secs(20), || c.log().contains("cube_dispatcher job one: reloaded settings"));
+    c.source_sql("INSERT INTO orders VALUES (2, 'b')");
+    c.tick("q");
+    c.wait_caught_up("q", "one");
+    assert_eq!(c.count("target", &format!("orders_{}", c.suffix("YYYY_MM"))), 1);
+    assert_eq!(c.status("one", "pid"), Some(pid.to_string()));
+    assert_eq!(c.value("target", "SELECT loop_delay::text FROM cube_dispatcher.job WHERE job_name = 'one'").as_deref(), Some("0.5"));
+
+    // invalid new settings: reload fails and the worker keeps what it has
+    c.configure("one", &[("mode", "keep_nothing")]);
+    let err = c.try_exec("target", "SELECT cube_dispatcher.reload('one')").unwrap_err();
+    assert!(err.contains("cube_dispatcher.one.mode"), "{err}");
+    assert_eq!(c.status("one", "mode").as_deref(), Some("keep_latest"));
+}
+
+/// A batch large enough that stop/kill arrive while it is being written.
+fn big_batch(c: &Cluster, queue: &str, n: i64) {
+    c.source_sql(&format!("INSERT INTO orders SELECT g, repeat('x', 100) FROM generate_series(1, {n}) g"));
+    c.tick(queue);
+}
+
+fn wait_busy(c: &Cluster, pid: i32) {
+    // the worker is inside the batch once it holds the partition-creation lock (held to commit)
+    c.wait_until("worker busy with the batch", Duration::from_secs(30), || {
+        c.value("target", &format!("SELECT count(*) FROM pg_locks WHERE pid = {pid} AND locktype = 'advisory'")).as_deref() == Some("1")
+    });
+}
+
+#[test]
+fn stop_during_a_large_batch_completes_it() {
+    let c = Cluster::start();
+    setup(&c, "q");
+    let pid = c.start_job("s", "q", &[("mode", "keep_all")]);
+    big_batch(&c, "q", 300_000);
+    wait_busy(&c, pid);
+    assert_eq!(c.value("target", "SELECT cube_dispatcher.stop('s')::text").as_deref(), Some("true"));
+    assert!(!pid_alive(&c, &pid.to_string()), "stop() returns after the worker exited");
+    let part = format!("orders_{}", c.suffix("YYYY_MM_DD"));
+    assert_eq!(c.count("target", &part), 300_000, "the batch in progress was completed");
+    assert_eq!(c.value("source", "SELECT (current_batch IS NULL)::text FROM pgq.get_consumer_info('q', 's')").as_deref(), Some("true"));
+    assert_eq!(c.status("s", "state").as_deref(), Some("stopped"));
+    assert!(c.log().contains("cube_dispatcher job s: stopped"));
+}
+
+#[test]
+fn kill_during_a_large_batch_loses_and_doubles_nothing() {
+    let c = Cluster::start();
+    setup(&c, "q");
+    let pid = c.start_job("k", "q", &[("mode", "keep_all")]);
+    big_batch(&c, "q", 300_000);
+    wait_busy(&c, pid);
+    assert_eq!(c.value("target", "SELECT cube_dispatcher.kill('k')::text").as_deref(), Some("true"));
+    assert!(!pid_alive(&c, &pid.to_string()));
+    let part = format!("orders_{}", c.suffix("YYYY_MM_DD"));
+    let written = c.value("target", &format!("SELECT count(*) FROM pg_tables WHERE tablename = '{part}'")).unwrap();
+    if written == "1" {
+        assert_eq!(c.count("target", &part), 0, "the killed batch was rolled back");
+    }
+    assert_eq!(c.status("k", "state").as_deref(), Some("stopped"));
+    // the postmaster would restart a worker that died; a killed job must stay down
+    std::thread::sleep(Duration::from_secs(7));
+    assert_eq!(c.value("target", "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'cube_dispatcher k'").as_deref(), Some("0"));
+    c.target_sql("SELECT cube_dispatcher.start('k')");
+    c.wait_caught_up("q", "k");
+    assert_eq!(c.value("target", &format!("SELECT count(*) || ' ' || count(DISTINCT id) FROM {part}")).as_deref(), Some("300000 300000"));
+}
+
+#[test]
+fn drop_unregisters_the_consumer_and_forgets_the_job() {
+    let c = Cluster::start();
+    setup(&c, "q");
+    c.start_job("d", "q", &[]);
+    assert_eq!(c.value("source", "SELECT count(*) FROM pgq.get_consumer_info('q')").as_deref(), Some("1"));
+    c.target_sql("SELECT cube_dispatcher.drop('d')");
+    assert_eq!(c.value("source", "SELECT count(*) FROM pgq.get_consumer_info('q')").as_deref(), Some("0"));
+    assert_eq!(c.value("target", "SELECT count(*) FROM cube_dispatcher.status").as_deref(), Some("0"));
+    assert_eq!(c.value("target", "SELECT count(*) FROM cube_dispatcher.job_state").as_deref(), Some("0"));
+}
+
+#[test]
+fn restart_resumes_running_jobs_but_not_stopped_ones() {
+    let c = Cluster::start();
+    setup(&c, "q");
+    c.create_queue("q2");
+    c.start_job("run", "q", &[]);
+    c.start_job("rest", "q2", &[]);
+    c.target_sql("SELECT cube_dispatcher.stop('rest')");
+    c.restart_immediate();
+    c.wait_status("run", "state", |s| s == Some("running"));
+    c.wait_until("resumed worker", Duration::from_secs(30), || {
+        c.value("target", "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'cube_dispatcher run'").as_deref() == Some("1")
+    });
+    assert!(c.log().contains("cube_dispatcher: resumed job run"));
+    assert!(!c.log().contains("resumed job rest"));
+    assert_eq!(c.status("rest", "state").as_deref(), Some("stopped"));
+    c.source_sql("INSERT INTO orders VALUES (1, 'after restart')");
+    c.tick("q");
+    c.wait_caught_up("q", "run");
+    assert_eq!(c.count("target", &format!("orders_{}", c.suffix("YYYY_MM_DD"))), 1);
+}
+
+#[test]
+fn passwords_never_reach_the_log_or_status() {
+    let c = Cluster::start();
+    setup(&c, "q");
+    // trust authentication ignores the password, so the job works and still carries one
+    let with_pw = format!("{} password=Secr3tPw", c.src_conninfo());
+    c.start_job("pw", "q", &[("src_db", &with_pw)]);
+    assert!(c.status("pw", "src_db").unwrap().contains("password=********"));
+    // and a job whose source is unreachable fails to start, with a password in its settings
+    let unreachable = format!("host={} port=1 dbname=source password=Secr3tPw", c.dir.display());
+    c.configure("bad", &[("src_db", &unreachable), ("pgq_queue_name", "q")]);
+    let err = c.try_exec("target", "SELECT cube_dispatcher.start('bad')").unwrap_err();
+    assert!(err.contains("cannot register consumer bad on queue q") && err.contains("password=********"), "{err}");
+    assert!(!err.contains("Secr3tPw"), "{err}");
+    // the running job loses its source for a moment: errors are logged
+    c.configure("pw", &[("src_db", &format!("{unreachable} user=postgres")), ("loop_delay", "0.2")]);
+    c.target_sql("SELECT cube_dispatcher.reload('pw')");
+    c.wait_status("pw", "last_error", |e| e.is_some());
+    let log = c.log();
+    assert!(log.contains("cube_dispatcher job pw"), "the job logged");
+    assert!(!log.contains("Secr3tPw"), "password in the server log");
+    assert!(!c.status("pw", "last_error").unwrap().contains("Secr3tPw"));
+}
