@@ -252,3 +252,22 @@ fn a_batch_already_recorded_here_is_only_finished() {
     assert_eq!(c.rows(&part, "id, txt"), vec![row(&[Some("1"), Some("a")])], "the recorded batch is not written again");
     assert!(c.log().contains(&format!("batch {batch} was already written here; finishing it on the source")));
 }
+
+#[test]
+fn the_real_pgqd_ticker_drives_the_job() {
+    let mut c = Cluster::start();
+    c.create_queue("q");
+    c.source_sql("SELECT pgq.set_queue_config('q', 'ticker_max_lag', '0.2 seconds')");
+    c.source_sql(ORDERS);
+    c.add_logutriga("orders", "q");
+    c.target_sql(ORDERS);
+    c.start_pgqd();
+    c.start_job("tick", "q", &[]);
+    c.source_sql("INSERT INTO orders SELECT g, 'r' || g, g FROM generate_series(1, 1000) g");
+    let part = format!("orders_{}", c.suffix("YYYY_MM_DD"));
+    // no pgq.ticker() call here: only pgqd makes the batch
+    c.wait_until("pgqd-ticked rows in the partition", std::time::Duration::from_secs(60), || {
+        c.value("target", &format!("SELECT count(*) FROM pg_tables WHERE tablename = '{part}'")).as_deref() == Some("1")
+            && c.count("target", &part) == 1000
+    });
+}

@@ -29,9 +29,11 @@ cluster_start() {
 }
 
 cluster_stop() {
+    set +e   # a teardown step that fails must not skip the others
     [ -n "${CL_DIR:-}" ] || return 0
     [ -f "$CL_DIR/pgqd.pid" ] && kill "$(cat "$CL_DIR/pgqd.pid")" 2>/dev/null
-    pkill -f "pgqd $CL_DIR/" 2>/dev/null
+    pkill -f "pgqd.*$CL_DIR/" 2>/dev/null
+    [ -n "${PGQD_PID:-}" ] && wait "$PGQD_PID" 2>/dev/null
     as_owner "$PGBIN/pg_ctl" -D "$CL_DIR/data" -m fast -w stop >/dev/null 2>&1 \
         || as_owner "$PGBIN/pg_ctl" -D "$CL_DIR/data" -m immediate -w stop >/dev/null 2>&1
     rm -rf "$CL_DIR"
@@ -51,3 +53,19 @@ wait_caught_up() {
 }
 
 now() { date +%s.%N; }
+
+# The real ticker, in the foreground of a background job so teardown can wait for it.
+pgqd_start() {
+    cat > "$CL_DIR/pgqd.ini" <<INI
+[pgqd]
+base_connstr = host=$CL_DIR port=$CL_PORT user=$CL_USER
+database_list = source
+logfile = $CL_DIR/pgqd.log
+pidfile = $CL_DIR/pgqd.pid
+ticker_period = 0.5
+INI
+    [ "$(id -u)" = 0 ] && chown postgres: "$CL_DIR/pgqd.ini"
+    as_owner pgqd "$CL_DIR/pgqd.ini" >/dev/null 2>&1 &
+    PGQD_PID=$!
+    for _ in $(seq 50); do [ -s "$CL_DIR/pgqd.pid" ] && break; sleep 0.1; done
+}

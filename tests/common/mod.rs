@@ -290,9 +290,12 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         if let Some(mut p) = self.pgqd.take() {
-            let _ = p.kill();
-            let _ = p.wait();
+            // pgqd runs under runuser when we are root: stop pgqd itself, then reap runuser
+            if let Ok(pid) = std::fs::read_to_string(self.dir.join("pgqd.pid")) {
+                let _ = Command::new("kill").arg(pid.trim()).status();
+            }
             let _ = Command::new("pkill").args(["-f", &format!("pgqd {}", self.dir.join("pgqd.ini").display())]).status();
+            let _ = p.wait();
         }
         let pid = self.postmaster_pid();
         let mut c = server_cmd("pg_ctl");
