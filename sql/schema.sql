@@ -10,6 +10,7 @@ CREATE TABLE cube_dispatcher.job (
     loop_delay          float8 NOT NULL CHECK (loop_delay > 0),
     connection_lifetime float8 NOT NULL CHECK (connection_lifetime > 0),
     log_level           text NOT NULL CHECK (log_level IN ('quiet', 'normal', 'verbose')),
+    on_error            text NOT NULL DEFAULT 'retry' CHECK (on_error IN ('retry', 'dead_letter')),
     run_as              oid NOT NULL,           -- the role that called start(); the worker connects as it
     enabled             boolean NOT NULL,       -- false after stop()/kill(): not resumed
     config_version      bigint NOT NULL DEFAULT 1,
@@ -35,6 +36,23 @@ CREATE TABLE cube_dispatcher.job_state (
     updated_at      timestamptz
 );
 
+-- Events a job with on_error = dead_letter could not write, kept with the reason, in the same
+-- transaction as the rest of their batch. replay_dead_letters() writes them once fixed.
+CREATE TABLE cube_dispatcher.dead_letter (
+    id          bigserial PRIMARY KEY,
+    job_name    text NOT NULL REFERENCES cube_dispatcher.job ON DELETE CASCADE,
+    batch_id    bigint NOT NULL,
+    suffix      text,                   -- the batch's partition suffix, so a replay goes where the batch went
+    ev_id       bigint NOT NULL,
+    ev_time     timestamptz,
+    ev_type     text,
+    ev_data     text,
+    ev_extra1   text,
+    error       text NOT NULL,
+    failed_at   timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX ON cube_dispatcher.dead_letter (job_name, ev_id);
+
 CREATE VIEW cube_dispatcher.status AS
 SELECT j.job_name,
        CASE WHEN s.pid IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = s.pid)
@@ -53,8 +71,10 @@ SELECT j.job_name,
        s.recent_eps AS events_per_second,
        s.lag,
        s.last_error,
-       s.last_error_at
+       s.last_error_at,
+       (SELECT count(*) FROM cube_dispatcher.dead_letter d WHERE d.job_name = j.job_name) AS dead_letters,
+       j.on_error
 FROM cube_dispatcher.job j
 LEFT JOIN cube_dispatcher.job_state s USING (job_name);
 
-REVOKE ALL ON cube_dispatcher.job, cube_dispatcher.job_state FROM PUBLIC;
+REVOKE ALL ON cube_dispatcher.job, cube_dispatcher.job_state, cube_dispatcher.dead_letter FROM PUBLIC;

@@ -2,7 +2,8 @@
 //! -s stop (SIGINT: after the current batch), -k kill (SIGTERM: at once), -r reload (SIGHUP).
 
 use crate::config::{self, mask_password, JobConfig, OPTIONS};
-use crate::source::Source;
+use crate::apply::{in_subtransaction, BatchWriter};
+use crate::source::{RawEvent, Source};
 use crate::state;
 use crate::worker;
 use pgrx::prelude::*;
@@ -138,4 +139,50 @@ fn drop_job(job: &str) -> bool {
 #[pg_extern(name = "mask_password", immutable, parallel_safe, strict)]
 pub fn mask_password_sql(conninfo: &str) -> String {
     mask_password(conninfo)
+}
+
+/// Writes the job's dead letters again, oldest event first, each in its own subtransaction, into
+/// the partition of the batch they came from. Those that succeed are removed; the others keep
+/// their row with the new error. Returns how many were written.
+#[pg_extern]
+fn replay_dead_letters(job: &str) -> i64 {
+    let Some(row) = state::load_job(job) else {
+        error!("cube_dispatcher job {job} does not exist");
+    };
+    let letters: Vec<(i64, Option<String>, RawEvent)> = Spi::connect(|c| {
+        let rows = c.select(
+            "SELECT id, suffix, ev_id, ev_time::text, ev_type, ev_data, ev_extra1
+               FROM cube_dispatcher.dead_letter WHERE job_name = $1 ORDER BY ev_id, id",
+            None,
+            &[job.into()],
+        )?;
+        let mut out = Vec::new();
+        for r in rows {
+            let ev = RawEvent {
+                ev_id: r.get(3)?.unwrap_or_default(),
+                ev_time: r.get(4)?,
+                ev_type: r.get(5)?,
+                ev_data: r.get(6)?,
+                ev_extra1: r.get(7)?,
+            };
+            out.push((r.get::<i64>(1)?.unwrap_or_default(), r.get::<String>(2)?, ev));
+        }
+        Ok::<_, pgrx::spi::Error>(out)
+    })
+    .unwrap_or_else(|e| crate::spi::fail(e));
+    let mut written = 0;
+    for (id, suffix, ev) in letters {
+        let mut writer = BatchWriter::new(&row.config, suffix);
+        match in_subtransaction(|| writer.apply(std::slice::from_ref(&ev))) {
+            Ok(()) => {
+                crate::spi::run("DELETE FROM cube_dispatcher.dead_letter WHERE id = $1", &[id.into()]);
+                written += 1;
+            }
+            Err(e) => crate::spi::run(
+                "UPDATE cube_dispatcher.dead_letter SET error = $2, failed_at = now() WHERE id = $1",
+                &[id.into(), e.to_string().into()],
+            ),
+        }
+    }
+    written
 }

@@ -16,13 +16,45 @@ use std::ffi::{CStr, CString};
 use std::panic::AssertUnwindSafe;
 use thiserror::Error;
 
+/// A PostgreSQL error caught while writing. `transient` errors (lost connections, lock timeouts,
+/// deadlocks, shutdown, resource shortages) say nothing about the event: they fail the batch,
+/// never an event.
+#[derive(Debug, Clone)]
+pub struct SqlError {
+    pub message: String,
+    pub transient: bool,
+}
+
+impl std::fmt::Display for SqlError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// SQLSTATE classes of errors that are about the moment, not the data.
+fn transient_class(code: pg_sys::errcodes::PgSqlErrorCode) -> bool {
+    let code = code as i32;
+    let class = [((code & 0x3F) as u8 + b'0') as char, (((code >> 6) & 0x3F) as u8 + b'0') as char];
+    matches!(class, ['0', '8'] | ['4', '0'] | ['5', '3'] | ['5', '5'] | ['5', '7'] | ['5', '8'] | ['X', 'X'])
+}
+
 /// What was wrong with one event (or, for a set-based statement, a run of events).
 #[derive(Debug, Error)]
 pub enum ApplyError {
     #[error("event {ev_id}, table {table}: {cause}")]
     Event { ev_id: i64, table: String, cause: EventError },
     #[error("events {first_ev_id}..{last_ev_id}, table {table}: {cause}")]
-    Statement { first_ev_id: i64, last_ev_id: i64, table: String, cause: String },
+    Statement { first_ev_id: i64, last_ev_id: i64, table: String, cause: SqlError },
+}
+
+impl ApplyError {
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ApplyError::Event { cause: EventError::Sql(e) | EventError::Template { cause: e, .. }, .. } => e.transient,
+            ApplyError::Statement { cause, .. } => cause.transient,
+            ApplyError::Event { .. } => false,
+        }
+    }
 }
 
 #[derive(Debug, Error)]
@@ -44,9 +76,9 @@ pub enum EventError {
     #[error("parent table {0} does not exist")]
     NoParent(String),
     #[error("creating partition {table} failed: {cause}")]
-    Template { table: String, cause: String },
+    Template { table: String, cause: SqlError },
     #[error("{0}")]
-    Sql(String),
+    Sql(SqlError),
 }
 
 /// PostgreSQL's own quote_identifier(): quotes only where needed, knows the keyword list.
@@ -80,14 +112,45 @@ pub struct BatchWriter<'a> {
 
 /// Runs one SQL statement; a PostgreSQL error becomes an Err so the caller can say which events
 /// and table it was about. The transaction is aborted by the caller right after.
-fn run_sql(sql: &str, args: &[DatumWithOid]) -> Result<(), String> {
-    catching(|| Spi::run_with_args(sql, args).map_err(|e| e.to_string()))
+fn run_sql(sql: &str, args: &[DatumWithOid]) -> Result<(), SqlError> {
+    catching(|| Spi::run_with_args(sql, args).map_err(|e| SqlError { message: e.to_string(), transient: false }))
 }
 
 /// Runs `f`; a PostgreSQL error raised inside becomes Err(message). Only for code that ends its
 /// transaction (or re-raises) right after an error.
-pub fn catching<R>(f: impl FnOnce() -> Result<R, String>) -> Result<R, String> {
-    PgTryBuilder::new(AssertUnwindSafe(f)).catch_others(|e| Err(caught_message(&e))).execute()
+pub fn catching<R>(f: impl FnOnce() -> Result<R, SqlError>) -> Result<R, SqlError> {
+    PgTryBuilder::new(AssertUnwindSafe(f)).catch_others(|e| Err(caught(&e))).execute()
+}
+
+pub fn caught(e: &pg_sys::panic::CaughtError) -> SqlError {
+    use pg_sys::panic::CaughtError::*;
+    let transient = match e {
+        PostgresError(r) | ErrorReport(r) => transient_class(r.sql_error_code()),
+        RustPanic { .. } => false,
+    };
+    SqlError { message: caught_message(e), transient }
+}
+
+/// Runs `f` in a subtransaction: on any error (raised or returned) only its work is rolled back.
+/// The slow path for isolating failing events; never used on the bulk path.
+pub fn in_subtransaction<R>(f: impl FnOnce() -> Result<R, ApplyError>) -> Result<R, ApplyError> {
+    unsafe {
+        let cxt = pg_sys::CurrentMemoryContext;
+        let owner = pg_sys::CurrentResourceOwner;
+        pg_sys::BeginInternalSubTransaction(std::ptr::null());
+        pg_sys::MemoryContextSwitchTo(cxt);
+        let r = PgTryBuilder::new(AssertUnwindSafe(f))
+            .catch_others(|e| Err(ApplyError::Event { ev_id: 0, table: String::new(), cause: EventError::Sql(caught(&e)) }))
+            .execute();
+        if r.is_ok() {
+            pg_sys::ReleaseCurrentSubTransaction();
+        } else {
+            pg_sys::RollbackAndReleaseCurrentSubTransaction();
+        }
+        pg_sys::MemoryContextSwitchTo(cxt);
+        pg_sys::CurrentResourceOwner = owner;
+        r
+    }
 }
 
 pub fn caught_message(e: &pg_sys::panic::CaughtError) -> String {
@@ -114,6 +177,14 @@ impl<'a> BatchWriter<'a> {
             last_type: None,
             created: Vec::new(),
         }
+    }
+
+    /// After a rolled-back subtransaction: partitions it created are gone, so look everything up
+    /// again.
+    pub fn forget_partitions(&mut self) {
+        self.partitions.clear();
+        self.by_name.clear();
+        self.last_table = None;
     }
 
     /// The partition index for ev_extra1, opening (or creating) the partition on first sight.
@@ -261,7 +332,7 @@ impl<'a> BatchWriter<'a> {
             }
             Ok::<_, pgrx::spi::Error>(m)
         })
-        .map_err(|e| EventError::Sql(e.to_string()))?;
+        .map_err(|e| EventError::Sql(SqlError { message: e.to_string(), transient: false }))?;
         Ok(Partition { qualified, relid: oid, copy_ok: crate::copy_in::usable(oid), columns })
     }
 
@@ -319,7 +390,7 @@ impl<'a> BatchWriter<'a> {
         run_sql(&sql, &column_arrays(n, keys)).map_err(|cause| self.statement_error(first, last, part, cause))
     }
 
-    fn statement_error(&self, first: i64, last: i64, part: &Partition, cause: String) -> ApplyError {
+    fn statement_error(&self, first: i64, last: i64, part: &Partition, cause: SqlError) -> ApplyError {
         if first == last {
             ApplyError::Event { ev_id: first, table: part.qualified.clone(), cause: EventError::Sql(cause) }
         } else {

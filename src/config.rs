@@ -17,7 +17,33 @@ pub const OPTIONS: &[&str] = &[
     "loop_delay",
     "connection_lifetime",
     "log_level",
+    "on_error",
 ];
+
+/// What a batch that fails because of its events does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnError {
+    /// The original's way: roll back, wait, try the same batch again until the cause is fixed.
+    Retry,
+    /// Write the good events, park the failing ones in cube_dispatcher.dead_letter, finish.
+    DeadLetter,
+}
+
+impl OnError {
+    pub fn parse(s: &str) -> Option<OnError> {
+        match s {
+            "retry" => Some(OnError::Retry),
+            "dead_letter" => Some(OnError::DeadLetter),
+            _ => None,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnError::Retry => "retry",
+            OnError::DeadLetter => "dead_letter",
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum LogLevel {
@@ -58,6 +84,7 @@ pub struct JobConfig {
     pub loop_delay: f64,
     pub connection_lifetime: f64,
     pub log_level: LogLevel,
+    pub on_error: OnError,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -138,6 +165,13 @@ impl JobConfig {
                 None => return Err(invalid(guc, &v, "expected quiet, normal or verbose")),
             },
         };
+        let on_error = match get("on_error") {
+            None => OnError::Retry,
+            Some((v, guc)) => match OnError::parse(v.trim()) {
+                Some(o) => o,
+                None => return Err(invalid(guc, &v, "expected retry or dead_letter")),
+            },
+        };
         if let Some((v, guc)) = get("dst_db") {
             let named = dst_db_name(&v);
             if !v.trim().is_empty() && named.as_deref() != Some(current_db) {
@@ -155,6 +189,7 @@ impl JobConfig {
             loop_delay,
             connection_lifetime,
             log_level,
+            on_error,
         })
     }
 }
@@ -299,6 +334,7 @@ mod tests {
         assert_eq!(c.part_template, None);
         assert_eq!((c.loop_delay, c.connection_lifetime), (1.0, 1200.0));
         assert_eq!(c.log_level, LogLevel::Normal);
+        assert_eq!(c.on_error, OnError::Retry);
     }
 
     #[test]
@@ -311,8 +347,10 @@ mod tests {
             ("pgq_consumer_id", "c1"),
             ("log_level", "verbose"),
             ("dst_db", "host=/tmp dbname=target"),
+            ("on_error", "dead_letter"),
         ]))
         .unwrap();
+        assert_eq!(c.on_error, OnError::DeadLetter);
         assert_eq!((c.mode, c.dateformat, c.part_template.as_deref()), (Mode::KeepAll, None, Some("")));
         assert_eq!((c.loop_delay, c.pgq_consumer_id.as_str(), c.log_level), (0.25, "c1", LogLevel::Verbose));
     }
@@ -328,6 +366,7 @@ mod tests {
             (with(&[("loop_delay", "soon")]), "for cube_dispatcher.sales.loop_delay"),
             (with(&[("connection_lifetime", "-5")]), "for cube_dispatcher.sales.connection_lifetime"),
             (with(&[("log_level", "loud")]), "for cube_dispatcher.sales.log_level"),
+            (with(&[("on_error", "skip")]), "invalid value \"skip\" for cube_dispatcher.sales.on_error"),
             (with(&[("dst_db", "dbname=other password=hunter2")]), "for cube_dispatcher.sales.dst_db"),
         ];
         for (settings, want) in cases {

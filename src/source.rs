@@ -13,6 +13,7 @@ const CURSOR: &str = "cube_dispatcher_events";
 #[derive(Debug, Clone)]
 pub struct RawEvent {
     pub ev_id: i64,
+    pub ev_time: Option<String>,
     pub ev_type: Option<String>,
     pub ev_data: Option<String>,
     pub ev_extra1: Option<String>,
@@ -141,7 +142,7 @@ impl Source {
         self.close_events();
         crate::spi::run(
             "SELECT dblink_open($1, $2,
-                 format('select ev_id, ev_type, ev_data, ev_extra1 from (%s) e order by 1',
+                 format('select ev_id, ev_time, ev_type, ev_data, ev_extra1 from (%s) e order by 1',
                         (SELECT s FROM dblink($1, format('select pgq.batch_event_sql(%s)', $3::bigint)) AS t(s text))))",
             &[CONN.into(), CURSOR.into(), batch_id.into()],
         );
@@ -174,8 +175,8 @@ impl Source {
         }
         let events = Spi::connect(|c| {
             let rows = c.select(
-                "SELECT ev_id, ev_type, ev_data, ev_extra1 FROM dblink_get_result($1)
-                   AS t(ev_id bigint, ev_type text, ev_data text, ev_extra1 text)",
+                "SELECT ev_id, ev_time::text, ev_type, ev_data, ev_extra1 FROM dblink_get_result($1)
+                   AS t(ev_id bigint, ev_time timestamptz, ev_type text, ev_data text, ev_extra1 text)",
                 None,
                 &[CONN.into()],
             )?;
@@ -183,9 +184,10 @@ impl Source {
             for row in rows {
                 out.push(RawEvent {
                     ev_id: row.get(1)?.unwrap_or_default(),
-                    ev_type: row.get(2)?,
-                    ev_data: row.get(3)?,
-                    ev_extra1: row.get(4)?,
+                    ev_time: row.get(2)?,
+                    ev_type: row.get(3)?,
+                    ev_data: row.get(4)?,
+                    ev_extra1: row.get(5)?,
                 });
             }
             Ok::<_, pgrx::spi::Error>(out)

@@ -1,7 +1,8 @@
 //! The extension's own tables: job definitions (written by the SQL API) and job state (written by
 //! the worker). The batch bookkeeping that makes a batch apply exactly once lives here too.
 
-use crate::config::{JobConfig, LogLevel};
+use crate::config::{JobConfig, LogLevel, OnError};
+use crate::source::RawEvent;
 use crate::route::Mode;
 use crate::source::BatchInfo;
 use pgrx::prelude::*;
@@ -18,7 +19,7 @@ pub fn load_job(job: &str) -> Option<JobRow> {
     Spi::connect(|c| {
         let rows = c.select(
             "SELECT src_db, pgq_queue_name, pgq_consumer_id, mode, dateformat, part_template,
-                    loop_delay, connection_lifetime, log_level, enabled, run_as, config_version
+                    loop_delay, connection_lifetime, log_level, enabled, run_as, config_version, on_error
                FROM cube_dispatcher.job WHERE job_name = $1",
             Some(1),
             &[job.into()],
@@ -40,6 +41,7 @@ pub fn load_job(job: &str) -> Option<JobRow> {
                 loop_delay: r.get(7)?.unwrap_or(1.0),
                 connection_lifetime: r.get(8)?.unwrap_or(1200.0),
                 log_level: LogLevel::parse(&r.get::<String>(9)?.unwrap_or_default()).unwrap_or(LogLevel::Normal),
+                on_error: OnError::parse(&r.get::<String>(13)?.unwrap_or_default()).unwrap_or(OnError::Retry),
             },
             enabled: r.get(10)?.unwrap_or(false),
             run_as: r.get(11)?.unwrap_or(pg_sys::InvalidOid),
@@ -60,14 +62,14 @@ pub fn save_job(c: &JobConfig, run_as: pg_sys::Oid) {
         "WITH old AS (SELECT pgq_queue_name, pgq_consumer_id FROM cube_dispatcher.job WHERE job_name = $1),
               upsert AS (
                 INSERT INTO cube_dispatcher.job AS j (job_name, src_db, pgq_queue_name, pgq_consumer_id, mode,
-                       dateformat, part_template, loop_delay, connection_lifetime, log_level, run_as, enabled)
-                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, true)
+                       dateformat, part_template, loop_delay, connection_lifetime, log_level, run_as, on_error, enabled)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, true)
                 ON CONFLICT (job_name) DO UPDATE SET
                        src_db = excluded.src_db, pgq_queue_name = excluded.pgq_queue_name,
                        pgq_consumer_id = excluded.pgq_consumer_id, mode = excluded.mode,
                        dateformat = excluded.dateformat, part_template = excluded.part_template,
                        loop_delay = excluded.loop_delay, connection_lifetime = excluded.connection_lifetime,
-                       log_level = excluded.log_level, run_as = excluded.run_as, enabled = true,
+                       log_level = excluded.log_level, run_as = excluded.run_as, on_error = excluded.on_error, enabled = true,
                        config_version = j.config_version + 1, defined_at = now()
                 RETURNING 1)
          INSERT INTO cube_dispatcher.job_state AS s (job_name) SELECT $1 FROM upsert
@@ -86,6 +88,7 @@ pub fn save_job(c: &JobConfig, run_as: pg_sys::Oid) {
             c.connection_lifetime.into(),
             c.log_level.as_str().into(),
             run_as.into(),
+            c.on_error.as_str().into(),
         ],
     )
 }
@@ -165,5 +168,24 @@ pub fn live_pid(job: &str) -> Option<i32> {
             AND EXISTS (SELECT 1 FROM pg_stat_get_activity(s.pid) a
                          WHERE a.backend_type = 'cube_dispatcher ' || $1 AND a.datid = (SELECT oid FROM pg_database WHERE datname = current_database()))",
         &[job.into()],
+    )
+}
+
+/// Parks an event that cannot be written, in the batch's transaction.
+pub fn dead_letter(job: &str, batch_id: i64, suffix: Option<&str>, ev: &RawEvent, error: &str) {
+    crate::spi::run(
+        "INSERT INTO cube_dispatcher.dead_letter (job_name, batch_id, suffix, ev_id, ev_time, ev_type, ev_data, ev_extra1, error)
+         VALUES ($1, $2, $3, $4, $5::timestamptz, $6, $7, $8, $9)",
+        &[
+            job.into(),
+            batch_id.into(),
+            suffix.into(),
+            ev.ev_id.into(),
+            ev.ev_time.clone().into(),
+            ev.ev_type.clone().into(),
+            ev.ev_data.clone().into(),
+            ev.ev_extra1.clone().into(),
+            error.into(),
+        ],
     )
 }

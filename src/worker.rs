@@ -5,8 +5,8 @@
 //! Signals follow the original tool: SIGINT stops after the current batch (-s), SIGTERM stops at
 //! once and rolls back (-k), SIGHUP wakes the loop to pick up reloaded settings (-r).
 
-use crate::apply::{caught_message, ApplyError, BatchWriter};
-use crate::config::{mask_password, JobConfig, LogLevel};
+use crate::apply::{caught, in_subtransaction, ApplyError, BatchWriter, EventError};
+use crate::config::{mask_password, JobConfig, LogLevel, OnError};
 use crate::source::{BatchInfo, Source};
 use crate::state;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
@@ -36,14 +36,25 @@ enum StepError {
 }
 
 impl StepError {
-    /// A set-based statement failed: only a one-event-at-a-time retry can name the event.
-    fn needs_precise_retry(&self) -> bool {
+    fn apply_error(&self) -> Option<&ApplyError> {
         match self {
-            StepError::Apply(ApplyError::Statement { .. }) => true,
-            StepError::InBatch { inner, .. } => inner.needs_precise_retry(),
-            _ => false,
+            StepError::Apply(e) => Some(e),
+            StepError::InBatch { inner, .. } => inner.apply_error(),
+            _ => None,
         }
     }
+}
+
+/// How a batch's events are written. Bulk is the normal way; the others are for retrying a
+/// batch that failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pace {
+    Bulk,
+    /// One event per statement, so the error names the event (on_error = retry).
+    OneByOne,
+    /// One event per subtransaction; failing events go to the dead-letter table (on_error =
+    /// dead_letter).
+    Isolating,
 }
 
 enum Step {
@@ -87,7 +98,7 @@ fn in_transaction<R>(f: impl FnOnce() -> Result<R, StepError>) -> Result<R, Step
         }
         r
     }))
-    .catch_others(|e| Err(StepError::Server(caught_message(&e))))
+    .catch_others(|e| Err(StepError::Server(caught(&e).message)))
     .execute();
     if result.is_err() {
         unsafe { pg_sys::AbortOutOfAnyTransaction() };
@@ -100,9 +111,7 @@ struct Worker {
     config: JobConfig,
     config_version: i64,
     source: Source,
-    /// After a failed set-based write, the batch is retried one event at a time so the error
-    /// names the exact event.
-    precise: bool,
+    pace: Pace,
     backoff: Duration,
     window: (Instant, i64, i64),
     last_lag_update: Option<Instant>,
@@ -133,7 +142,7 @@ impl Worker {
     fn step(&mut self) -> Result<Step, StepError> {
         let started = Instant::now();
         let cfg = self.config.clone();
-        let precise = self.precise;
+        let pace = self.pace;
         let source = &mut self.source;
         let eps = self.recent_eps;
         let current = std::cell::Cell::new(None);
@@ -149,7 +158,7 @@ impl Worker {
             let info: BatchInfo = source.batch_info(batch_id, cfg.dateformat.as_deref());
             match state::last_tick(&cfg.job_name) {
                 // written and committed here, but the source never heard: only finish it
-                Some(t) if t == info.tick_id => return Ok(Some((info, 0, Vec::new(), true))),
+                Some(t) if t == info.tick_id => return Ok(Some((info, 0, Vec::new(), 0, true))),
                 Some(t) if t != info.prev_tick_id => {
                     return Err(StepError::LostPosition { batch_id, prev_tick: info.prev_tick_id, applied: t })
                 }
@@ -157,6 +166,7 @@ impl Worker {
             }
             let mut writer = BatchWriter::new(&cfg, info.suffix.clone());
             let mut events = 0i64;
+            let mut dead = 0i64;
             source.open_events(batch_id, CHUNK_EVENTS);
             loop {
                 let chunk = source.next_chunk();
@@ -164,22 +174,48 @@ impl Worker {
                     break;
                 }
                 events += chunk.len() as i64;
-                if precise {
-                    for ev in &chunk {
-                        writer.apply(std::slice::from_ref(ev))?;
+                match pace {
+                    Pace::Bulk => writer.apply(&chunk)?,
+                    Pace::OneByOne => {
+                        for ev in &chunk {
+                            writer.apply(std::slice::from_ref(ev))?;
+                        }
                     }
-                } else {
-                    writer.apply(&chunk)?;
+                    Pace::Isolating => {
+                        for ev in &chunk {
+                            let created = writer.created.len();
+                            let Err(e) = in_subtransaction(|| writer.apply(std::slice::from_ref(ev))) else { continue };
+                            if e.is_transient() {
+                                return Err(e.into());
+                            }
+                            writer.forget_partitions();
+                            writer.created.truncate(created);
+                            let text = match e {
+                                // raised inside the subtransaction: say which event
+                                ApplyError::Event { ev_id: 0, cause: EventError::Sql(c), .. } => format!(
+                                    "event {}, table {}: {c}",
+                                    ev.ev_id,
+                                    ev.ev_extra1.as_deref().unwrap_or("(null)")
+                                ),
+                                e => e.to_string(),
+                            };
+                            state::dead_letter(&cfg.job_name, batch_id, info.suffix.as_deref(), ev, &text);
+                            dead += 1;
+                        }
+                    }
                 }
             }
             source.close_events();
             state::record_batch(&cfg.job_name, &info, events, eps);
-            Ok(Some((info, events, std::mem::take(&mut writer.created), false)))
+            Ok(Some((info, events, std::mem::take(&mut writer.created), dead, false)))
         })
         .map_err(in_batch)?;
-        let Some((info, events, created, already_done)) = outcome else {
+        let Some((info, events, created, dead, already_done)) = outcome else {
             return Ok(Step::Idle);
         };
+        if dead > 0 {
+            warning!("cube_dispatcher job {}: batch {}: {dead} events could not be written and were stored in cube_dispatcher.dead_letter", self.job, info.batch_id);
+        }
         if already_done {
             self.log(LogLevel::Normal, &format!("batch {} was already written here; finishing it on the source", info.batch_id));
         }
@@ -227,16 +263,23 @@ impl Worker {
             self.source.disconnect();
             Ok(())
         });
-        let retry_precisely = err.needs_precise_retry() && !self.precise;
+        // an error about the events (not the moment) is retried at once, event by event: with
+        // on_error = dead_letter to set the bad ones aside, else to name the exact event
+        let about_events = err.apply_error().is_some_and(|e| !e.is_transient());
+        let next_pace = match (about_events, self.config.on_error, self.pace) {
+            (true, OnError::DeadLetter, Pace::Bulk | Pace::OneByOne) => Some(Pace::Isolating),
+            (true, OnError::Retry, Pace::Bulk) if matches!(err.apply_error(), Some(ApplyError::Statement { .. })) => Some(Pace::OneByOne),
+            _ => None,
+        };
         // server messages do not carry the connection string, but never risk showing a password
         let msg = err.to_string().replace(&self.config.src_db, &mask_password(&self.config.src_db));
         let _ = in_transaction(|| {
             state::set_error(&self.job, &msg);
             Ok(())
         });
-        if retry_precisely {
-            self.log(LogLevel::Verbose, &format!("set-based write failed ({msg}); retrying the batch one event at a time to find the event"));
-            self.precise = true;
+        if let Some(pace) = next_pace {
+            self.log(LogLevel::Verbose, &format!("{msg}; retrying the batch one event at a time ({pace:?})"));
+            self.pace = pace;
             return;
         }
         warning!("cube_dispatcher job {}: {msg}; batch rolled back, retrying in {} s", self.job, self.backoff.as_secs());
@@ -333,7 +376,7 @@ pub extern "C-unwind" fn cube_dispatcher_worker_main(arg: pg_sys::Datum) {
         job: job.clone(),
         config: row.config,
         config_version: row.config_version,
-        precise: false,
+        pace: Pace::Bulk,
         backoff: Duration::from_secs(1),
         window: (Instant::now(), 0, 0),
         last_lag_update: None,
@@ -380,7 +423,7 @@ pub extern "C-unwind" fn cube_dispatcher_worker_main(arg: pg_sys::Datum) {
                     w.log(LogLevel::Normal, &format!("created partition {t}"));
                 }
                 w.log(LogLevel::Verbose, &format!("batch {batch_id}: {events} events written in {:.3} s", took.as_secs_f64()));
-                w.precise = false;
+                w.pace = Pace::Bulk;
                 w.backoff = Duration::from_secs(1);
                 w.count(events);
                 pg_sys::check_for_interrupts!();

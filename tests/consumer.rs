@@ -1,4 +1,6 @@
 //! The data path against real PgQ: logutriga events into partitions, both modes, exactly once.
+// `cargo pgrx test` builds every test target with feature pg_test: these run in the e2e layer only.
+#![cfg(not(feature = "pg_test"))]
 mod common;
 use common::Cluster;
 

@@ -1,4 +1,6 @@
 //! Job control and configuration: GUCs, start/stop/kill/reload/drop, status, resume, logging.
+// `cargo pgrx test` builds every test target with feature pg_test: these run in the e2e layer only.
+#![cfg(not(feature = "pg_test"))]
 mod common;
 use common::{literal, Cluster};
 use std::time::Duration;
