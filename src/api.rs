@@ -1,8 +1,8 @@
 //! The SQL-facing control functions. The original tool's switches map to them: -d start,
 //! -s stop (SIGINT: after the current batch), -k kill (SIGTERM: at once), -r reload (SIGHUP).
 
-use crate::config::{self, mask_password, JobConfig, OPTIONS};
 use crate::apply::{in_subtransaction, BatchWriter};
+use crate::config::{self, mask_password, JobConfig, OPTIONS};
 use crate::source::{RawEvent, Source};
 use crate::state;
 use crate::worker;

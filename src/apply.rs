@@ -11,9 +11,9 @@ use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use pgrx::PgTryBuilder;
 use std::collections::HashMap;
-use std::rc::Rc;
 use std::ffi::{CStr, CString};
 use std::panic::AssertUnwindSafe;
+use std::rc::Rc;
 use thiserror::Error;
 
 /// A PostgreSQL error caught while writing. `transient` errors (lost connections, lock timeouts,
@@ -140,7 +140,9 @@ pub fn in_subtransaction<R>(f: impl FnOnce() -> Result<R, ApplyError>) -> Result
         pg_sys::BeginInternalSubTransaction(std::ptr::null());
         pg_sys::MemoryContextSwitchTo(cxt);
         let r = PgTryBuilder::new(AssertUnwindSafe(f))
-            .catch_others(|e| Err(ApplyError::Event { ev_id: 0, table: String::new(), cause: EventError::Sql(caught(&e)) }))
+            .catch_others(|e| {
+                Err(ApplyError::Event { ev_id: 0, table: String::new(), cause: EventError::Sql(caught(&e)) })
+            })
             .execute();
         if r.is_ok() {
             pg_sys::ReleaseCurrentSubTransaction();
@@ -195,7 +197,11 @@ impl<'a> BatchWriter<'a> {
                 return Ok(*i);
             }
         }
-        let fail = |cause: EventError| ApplyError::Event { ev_id: ev.ev_id, table: raw.unwrap_or("(null)").to_string(), cause };
+        let fail = |cause: EventError| ApplyError::Event {
+            ev_id: ev.ev_id,
+            table: raw.unwrap_or("(null)").to_string(),
+            cause,
+        };
         let parent = decode::parse_table(raw).map_err(|e| fail(e.into()))?;
         let dest = route::partition_of(&parent, self.suffix.as_deref()).map_err(|e| fail(e.into()))?;
         let i = match self.by_name.get(&dest) {
@@ -269,7 +275,12 @@ impl<'a> BatchWriter<'a> {
     }
 
     /// The first column (in event order) that the partition lacks, named in the error.
-    fn check_columns<'c>(&self, dest: usize, ev_id: i64, columns: impl Iterator<Item = &'c str>) -> Result<(), ApplyError> {
+    fn check_columns<'c>(
+        &self,
+        dest: usize,
+        ev_id: i64,
+        columns: impl Iterator<Item = &'c str>,
+    ) -> Result<(), ApplyError> {
         let part = &self.partitions[dest];
         for c in columns {
             if !part.columns.contains_key(c) {
@@ -286,10 +297,16 @@ impl<'a> BatchWriter<'a> {
     /// Finds the partition, creating it from the template when missing. Two jobs may need the same
     /// new partition at once: the creation runs under a transaction-level advisory lock on the
     /// name and re-checks, so the second waits for the first to commit and then finds the table.
-    fn open_partition(&mut self, dest: &TableName, parent: &TableName, pkey: &[String]) -> Result<Partition, EventError> {
+    fn open_partition(
+        &mut self,
+        dest: &TableName,
+        parent: &TableName,
+        pkey: &[String],
+    ) -> Result<Partition, EventError> {
         let qualified = route::qualified(dest, &quote_ident);
         let relid = |name: &str| -> Result<Option<pg_sys::Oid>, EventError> {
-            catching(|| Ok(crate::spi::value::<pg_sys::Oid>("SELECT to_regclass($1)::oid", &[name.into()]))).map_err(EventError::Sql)
+            catching(|| Ok(crate::spi::value::<pg_sys::Oid>("SELECT to_regclass($1)::oid", &[name.into()])))
+                .map_err(EventError::Sql)
         };
         let exists = |name: &str| relid(name).map(|r| r.is_some());
         if !exists(&qualified)? {
@@ -372,7 +389,13 @@ impl<'a> BatchWriter<'a> {
         // INSERT checks privileges and row security itself, and says why it refuses
         let cols: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
         let exprs: Vec<String> = (0..n).map(|i| self.cast(g.dest, columns[i], &format!("u.c{i}"))).collect();
-        let sql = format!("INSERT INTO {} ({}) SELECT {} FROM {}", part.qualified, cols.join(", "), exprs.join(", "), unnest_from("u", n));
+        let sql = format!(
+            "INSERT INTO {} ({}) SELECT {} FROM {}",
+            part.qualified,
+            cols.join(", "),
+            exprs.join(", "),
+            unnest_from("u", n)
+        );
         let rows = g.rows.iter().map(|&i| changes[i].row.iter().map(|(_, v)| v.as_deref()).collect::<Vec<_>>());
         run_sql(&sql, &column_arrays(n, rows)).map_err(fail)
     }
@@ -382,9 +405,16 @@ impl<'a> BatchWriter<'a> {
         self.check_columns(d.dest, d.ev_ids[0], d.key_columns.iter().map(String::as_str))?;
         let n = d.key_columns.len();
         let conds: Vec<String> = (0..n)
-            .map(|i| format!("t.{} = {}", quote_ident(&d.key_columns[i]), self.cast(d.dest, &d.key_columns[i], &format!("k.c{i}"))))
+            .map(|i| {
+                format!(
+                    "t.{} = {}",
+                    quote_ident(&d.key_columns[i]),
+                    self.cast(d.dest, &d.key_columns[i], &format!("k.c{i}"))
+                )
+            })
             .collect();
-        let sql = format!("DELETE FROM {} t USING {} WHERE {}", part.qualified, unnest_from("k", n), conds.join(" AND "));
+        let sql =
+            format!("DELETE FROM {} t USING {} WHERE {}", part.qualified, unnest_from("k", n), conds.join(" AND "));
         let (first, last) = (*d.ev_ids.iter().min().unwrap(), *d.ev_ids.iter().max().unwrap());
         let keys = d.keys.iter().map(|k| k.iter().map(|v| v.as_deref()).collect::<Vec<_>>());
         run_sql(&sql, &column_arrays(n, keys)).map_err(|cause| self.statement_error(first, last, part, cause))

@@ -89,7 +89,9 @@ pub struct JobConfig {
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
-    #[error("invalid job name {0:?}: use lower-case letters, digits and '_', at most 40 bytes, not starting with a digit")]
+    #[error(
+        "invalid job name {0:?}: use lower-case letters, digits and '_', at most 40 bytes, not starting with a digit"
+    )]
     BadJobName(String),
     #[error("{guc} is not set (required)")]
     Missing { guc: String },
@@ -103,7 +105,11 @@ pub fn validate_job_name(job: &str) -> Result<(), ConfigError> {
         && job.len() <= 40
         && !job.as_bytes()[0].is_ascii_digit()
         && job.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-    if ok { Ok(()) } else { Err(ConfigError::BadJobName(job.to_string())) }
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::BadJobName(job.to_string()))
+    }
 }
 
 pub fn job_guc(job: &str, option: &str) -> String {
@@ -120,7 +126,8 @@ impl JobConfig {
     ) -> Result<JobConfig, ConfigError> {
         validate_job_name(job)?;
         let get = |opt: &str| lookup(opt);
-        let invalid = |guc: String, value: &str, why: &'static str| ConfigError::Invalid { guc, value: value.to_string(), why };
+        let invalid =
+            |guc: String, value: &str, why: &'static str| ConfigError::Invalid { guc, value: value.to_string(), why };
         let required = |opt: &str| -> Result<String, ConfigError> {
             match get(opt) {
                 Some((v, _)) if !v.trim().is_empty() => Ok(v),
@@ -401,7 +408,10 @@ mod tests {
             ("password='hun ter2' dbname=src", "password=******** dbname=src"),
             ("dbname = src password = hunter2", "dbname=src password=********"),
             ("postgresql://alice:hunter2@db.example:5432/src", "postgresql://alice:********@db.example:5432/src"),
-            ("postgres://alice@h/src?password=hunter2&sslmode=require", "postgres://alice@h/src?password=********&sslmode=require"),
+            (
+                "postgres://alice@h/src?password=hunter2&sslmode=require",
+                "postgres://alice@h/src?password=********&sslmode=require",
+            ),
             ("dbname=src", "dbname=src"),
         ];
         for (conn, want) in cases {

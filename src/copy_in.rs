@@ -54,7 +54,8 @@ pub fn usable(relid: pg_sys::Oid) -> bool {
     unsafe {
         let user = pg_sys::GetUserId();
         pg_sys::pg_class_aclcheck(relid, user, pg_sys::ACL_INSERT as pg_sys::AclMode) == pg_sys::AclResult::ACLCHECK_OK
-            && pg_sys::check_enable_rls(relid, pg_sys::InvalidOid, true) != pg_sys::CheckEnableRlsResult::RLS_ENABLED as c_int
+            && pg_sys::check_enable_rls(relid, pg_sys::InvalidOid, true)
+                != pg_sys::CheckEnableRlsResult::RLS_ENABLED as c_int
     }
 }
 

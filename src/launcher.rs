@@ -105,10 +105,17 @@ pub extern "C-unwind" fn cube_dispatcher_resume_main(arg: pg_sys::Datum) {
             return Vec::new();
         }
         Spi::connect(|c| {
-            let rows = c.select("SELECT job_name, run_as FROM cube_dispatcher.job WHERE enabled ORDER BY job_name", None, &[])?;
+            let rows = c.select(
+                "SELECT job_name, run_as FROM cube_dispatcher.job WHERE enabled ORDER BY job_name",
+                None,
+                &[],
+            )?;
             let mut out = Vec::new();
             for r in rows {
-                out.push((r.get::<String>(1)?.unwrap_or_default(), r.get::<pg_sys::Oid>(2)?.unwrap_or(pg_sys::InvalidOid)));
+                out.push((
+                    r.get::<String>(1)?.unwrap_or_default(),
+                    r.get::<pg_sys::Oid>(2)?.unwrap_or(pg_sys::InvalidOid),
+                ));
             }
             Ok::<_, pgrx::spi::Error>(out)
         })

@@ -136,7 +136,10 @@ mod tests {
         for c in changes {
             let rows = db.entry(c.dest).or_default();
             let key = c.key_values();
-            rows.retain(|r| c.pkey.iter().map(|k| r.iter().find(|(n, _)| n == k).and_then(|(_, v)| v.clone())).collect::<Vec<_>>() != key);
+            rows.retain(|r| {
+                c.pkey.iter().map(|k| r.iter().find(|(n, _)| n == k).and_then(|(_, v)| v.clone())).collect::<Vec<_>>()
+                    != key
+            });
             if c.op != Op::Delete {
                 rows.push(c.row.clone());
             }
@@ -147,7 +150,15 @@ mod tests {
     fn apply_plan(mut db: Tables, changes: &[Change<'static>], p: &Plan) -> Tables {
         for d in &p.deletes {
             let rows = db.entry(d.dest).or_default();
-            rows.retain(|r| !d.keys.iter().any(|key| d.key_columns.iter().map(|k| r.iter().find(|(n, _)| n == k).and_then(|(_, v)| v.clone())).collect::<Vec<_>>() == *key));
+            rows.retain(|r| {
+                !d.keys.iter().any(|key| {
+                    d.key_columns
+                        .iter()
+                        .map(|k| r.iter().find(|(n, _)| n == k).and_then(|(_, v)| v.clone()))
+                        .collect::<Vec<_>>()
+                        == *key
+                })
+            });
         }
         for g in &p.inserts {
             for &i in &g.rows {
@@ -177,7 +188,13 @@ mod tests {
 
     #[test]
     fn keep_all_keeps_every_version_and_groups_by_column_set() {
-        let mut c = vec![ch(1, Op::Insert, 0, 1, "x"), ch(2, Op::Update, 0, 1, "y"), ch(3, Op::Insert, 0, 1, "z"), ch(4, Op::Insert, 1, 2, "w"), ch(5, Op::Insert, 0, 3, "v")];
+        let mut c = vec![
+            ch(1, Op::Insert, 0, 1, "x"),
+            ch(2, Op::Update, 0, 1, "y"),
+            ch(3, Op::Insert, 0, 1, "z"),
+            ch(4, Op::Insert, 1, 2, "w"),
+            ch(5, Op::Insert, 0, 3, "v"),
+        ];
         c[2].row.pop();
         let p = plan(&c, Mode::KeepAll);
         assert!(p.deletes.is_empty());
@@ -222,8 +239,8 @@ mod tests {
                 let table = rng.next(2) as usize;
                 let mut c = ch(i as i64, op, table, rng.next(8) as i64, &format!("r{round}e{i}"));
                 match rng.next(4) {
-                    0 => c.row.reverse(),             // same columns, another order: another group
-                    1 => c.row[1].1 = None,           // NULL value
+                    0 => c.row.reverse(),   // same columns, another order: another group
+                    1 => c.row[1].1 = None, // NULL value
                     2 => c.row.push(("extra".into(), Some("".into()))),
                     _ => {}
                 }

@@ -106,7 +106,11 @@ mod tests {
     fn q(s: &str) -> String {
         let plain = s.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
             && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-        if plain { s.to_string() } else { format!("\"{}\"", s.replace('"', "\"\"")) }
+        if plain {
+            s.to_string()
+        } else {
+            format!("\"{}\"", s.replace('"', "\"\""))
+        }
     }
 
     fn t(s: &str, n: &str) -> TableName {
@@ -122,9 +126,17 @@ mod tests {
             (t("public", "orders"), None, Ok(t("public", "orders"))),
             // 52 + '_' + 10 = 63 bytes: the longest name allowed
             (t("s", &x52), Some("2026_11_24"), Ok(t("s", &format!("{x52}_2026_11_24")))),
-            (t("s", &x53), Some("2026_11_24"), Err(RouteError::NameTooLong { name: format!("{x53}_2026_11_24"), len: 64 })),
+            (
+                t("s", &x53),
+                Some("2026_11_24"),
+                Err(RouteError::NameTooLong { name: format!("{x53}_2026_11_24"), len: 64 }),
+            ),
             // bytes, not characters: 28 two-byte letters + 11 = 67 bytes
-            (t("s", &"ä".repeat(28)), Some("2026_11_24"), Err(RouteError::NameTooLong { name: format!("{}_2026_11_24", "ä".repeat(28)), len: 67 })),
+            (
+                t("s", &"ä".repeat(28)),
+                Some("2026_11_24"),
+                Err(RouteError::NameTooLong { name: format!("{}_2026_11_24", "ä".repeat(28)), len: 67 }),
+            ),
             (t("s", "o"), Some(""), Err(RouteError::BadSuffix("".into()))),
         ];
         for (parent, suffix, want) in cases {

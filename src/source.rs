@@ -43,7 +43,14 @@ pub struct Source {
 
 impl Source {
     pub fn new(conninfo: &str, lifetime: Duration) -> Source {
-        Source { conninfo: conninfo.to_string(), lifetime, opened_at: None, cursor_open: false, fetch_in_flight: false, chunk: 5000 }
+        Source {
+            conninfo: conninfo.to_string(),
+            lifetime,
+            opened_at: None,
+            cursor_open: false,
+            fetch_in_flight: false,
+            chunk: 5000,
+        }
     }
 
     /// Takes new settings; a changed connection string applies from the next connect (which

@@ -8,7 +8,11 @@ pub fn value<T: FromDatum + IntoDatum>(sql: &str, args: &[DatumWithOid]) -> Opti
     // read-write mode: some callers lock rows or call volatile functions (dblink)
     Spi::connect_mut(|c| {
         let rows = c.update(sql, Some(1), args)?;
-        if rows.is_empty() { Ok(None) } else { rows.first().get_one::<T>() }
+        if rows.is_empty() {
+            Ok(None)
+        } else {
+            rows.first().get_one::<T>()
+        }
     })
     .unwrap_or_else(|e| fail(e))
 }

@@ -2,9 +2,9 @@
 //! the worker). The batch bookkeeping that makes a batch apply exactly once lives here too.
 
 use crate::config::{JobConfig, LogLevel, OnError};
-use crate::source::RawEvent;
 use crate::route::Mode;
 use crate::source::BatchInfo;
+use crate::source::RawEvent;
 use pgrx::prelude::*;
 
 /// A stored job definition.

@@ -217,7 +217,10 @@ impl Worker {
             warning!("cube_dispatcher job {}: batch {}: {dead} events could not be written and were stored in cube_dispatcher.dead_letter", self.job, info.batch_id);
         }
         if already_done {
-            self.log(LogLevel::Normal, &format!("batch {} was already written here; finishing it on the source", info.batch_id));
+            self.log(
+                LogLevel::Normal,
+                &format!("batch {} was already written here; finishing it on the source", info.batch_id),
+            );
         }
         in_transaction(|| {
             self.source.finish_batch(info.batch_id);
@@ -236,7 +239,13 @@ impl Worker {
             self.recent_eps = *evs as f64 / elapsed.as_secs_f64();
         }
         if elapsed >= THROUGHPUT_LOG_EVERY {
-            let msg = format!("{} events in {} batches in the last {:.0} s ({:.0} events/s)", evs, batches, elapsed.as_secs_f64(), self.recent_eps);
+            let msg = format!(
+                "{} events in {} batches in the last {:.0} s ({:.0} events/s)",
+                evs,
+                batches,
+                elapsed.as_secs_f64(),
+                self.recent_eps
+            );
             self.window = (Instant::now(), 0, 0);
             self.log(LogLevel::Normal, &msg);
         }
@@ -245,7 +254,8 @@ impl Worker {
     fn idle(&mut self) {
         let due = self.last_lag_update.is_none_or(|t| t.elapsed() >= Duration::from_secs(5));
         if due {
-            let (q, c, job) = (self.config.pgq_queue_name.clone(), self.config.pgq_consumer_id.clone(), self.job.clone());
+            let (q, c, job) =
+                (self.config.pgq_queue_name.clone(), self.config.pgq_consumer_id.clone(), self.job.clone());
             let source = &mut self.source;
             let _ = in_transaction(|| {
                 let lag = source.consumer_lag(&q, &c);
@@ -268,7 +278,9 @@ impl Worker {
         let about_events = err.apply_error().is_some_and(|e| !e.is_transient());
         let next_pace = match (about_events, self.config.on_error, self.pace) {
             (true, OnError::DeadLetter, Pace::Bulk | Pace::OneByOne) => Some(Pace::Isolating),
-            (true, OnError::Retry, Pace::Bulk) if matches!(err.apply_error(), Some(ApplyError::Statement { .. })) => Some(Pace::OneByOne),
+            (true, OnError::Retry, Pace::Bulk) if matches!(err.apply_error(), Some(ApplyError::Statement { .. })) => {
+                Some(Pace::OneByOne)
+            }
             _ => None,
         };
         // server messages do not carry the connection string, but never risk showing a password
@@ -282,7 +294,11 @@ impl Worker {
             self.pace = pace;
             return;
         }
-        warning!("cube_dispatcher job {}: {msg}; batch rolled back, retrying in {} s", self.job, self.backoff.as_secs());
+        warning!(
+            "cube_dispatcher job {}: {msg}; batch rolled back, retrying in {} s",
+            self.job,
+            self.backoff.as_secs()
+        );
         wait(self.backoff);
         self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
     }
@@ -422,7 +438,10 @@ pub extern "C-unwind" fn cube_dispatcher_worker_main(arg: pg_sys::Datum) {
                 for t in &created {
                     w.log(LogLevel::Normal, &format!("created partition {t}"));
                 }
-                w.log(LogLevel::Verbose, &format!("batch {batch_id}: {events} events written in {:.3} s", took.as_secs_f64()));
+                w.log(
+                    LogLevel::Verbose,
+                    &format!("batch {batch_id}: {events} events written in {:.3} s", took.as_secs_f64()),
+                );
                 w.pace = Pace::Bulk;
                 w.backoff = Duration::from_secs(1);
                 w.count(events);

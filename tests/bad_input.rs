@@ -20,8 +20,23 @@ struct Case {
     good_first: bool,
 }
 
-const fn case(name: &'static str, ev_type: &'static str, ev_data: &'static str, ev_extra1: Option<&'static str>, want: &'static [&'static str]) -> Case {
-    Case { name, mode: "keep_latest", template: None, ev_type: Some(ev_type), ev_data: Some(ev_data), ev_extra1, want, good_first: true }
+const fn case(
+    name: &'static str,
+    ev_type: &'static str,
+    ev_data: &'static str,
+    ev_extra1: Option<&'static str>,
+    want: &'static [&'static str],
+) -> Case {
+    Case {
+        name,
+        mode: "keep_latest",
+        template: None,
+        ev_type: Some(ev_type),
+        ev_data: Some(ev_data),
+        ev_extra1,
+        want,
+        good_first: true,
+    }
 }
 
 const ORDERS: Option<&str> = Some("public.orders");
@@ -34,17 +49,48 @@ fn cases() -> Vec<Case> {
         case("bad_utf8", "I:id", "id=1&txt=%ff%fe", ORDERS, &["table public.orders", "not valid UTF-8"]),
         case("unknown_op", "X:id", "id=1", ORDERS, &["table public.orders", "unknown operation \"X\""]),
         case("empty_type", "", "id=1", ORDERS, &["table public.orders", "ev_type is empty"]),
-        Case { mode: "keep_all", ..case("delete_keep_all", "D:id", "id=1&txt=a", ORDERS, &["table public.orders", "delete not supported in keep_all mode"]) },
+        Case {
+            mode: "keep_all",
+            ..case(
+                "delete_keep_all",
+                "D:id",
+                "id=1&txt=a",
+                ORDERS,
+                &["table public.orders", "delete not supported in keep_all mode"],
+            )
+        },
         case("no_pkey", "I:", "id=1&txt=a", ORDERS, &["table public.orders", "keep_latest needs primary key columns"]),
         case("pkey_missing", "I:id", "txt=a", ORDERS, &["table public.orders", "primary key column \"id\" is missing"]),
         case("null_table", "I:id", "id=1", None, &["table (null)", "ev_extra1 (the table name) is missing"]),
         case("empty_table", "I:id", "id=1", Some(""), &["ev_extra1 (the table name) is missing"]),
         case("three_parts", "I:id", "id=1", Some("a.b.c"), &["parent table a.\"b.c\" does not exist"]),
-        case("injection", "I:id", "id=1", Some("x\"; drop table orders; --"), &["parent table public.\"x\"\"; drop table orders; --\" does not exist"]),
+        case(
+            "injection",
+            "I:id",
+            "id=1",
+            Some("x\"; drop table orders; --"),
+            &["parent table public.\"x\"\"; drop table orders; --\" does not exist"],
+        ),
         case("name_too_long", "I:id", "id=1", Some(long), &["over PostgreSQL's limit of 63"]),
-        case("no_such_column", "I:id", "id=1&nosuch=2", ORDERS, &["column \"nosuch\" does not exist in public.orders_"]),
-        case("bad_value", "I:id", "id=abc&txt=a", ORDERS, &["table public.orders_", "invalid input syntax for type integer: \"abc\""]),
-        Case { template: Some("create table _DEST_TABLE (nonsense"), good_first: false, ..case("bad_template", "I:id", "id=1", ORDERS, &["creating partition public.orders_", "syntax error"]) },
+        case(
+            "no_such_column",
+            "I:id",
+            "id=1&nosuch=2",
+            ORDERS,
+            &["column \"nosuch\" does not exist in public.orders_"],
+        ),
+        case(
+            "bad_value",
+            "I:id",
+            "id=abc&txt=a",
+            ORDERS,
+            &["table public.orders_", "invalid input syntax for type integer: \"abc\""],
+        ),
+        Case {
+            template: Some("create table _DEST_TABLE (nonsense"),
+            good_first: false,
+            ..case("bad_template", "I:id", "id=1", ORDERS, &["creating partition public.orders_", "syntax error"])
+        },
         case("missing_parent", "I:id", "id=1", Some("public.nosuch"), &["parent table public.nosuch does not exist"]),
     ]
 }
@@ -66,12 +112,20 @@ fn every_bad_input_gets_one_clear_error_and_writes_nothing() {
         c.start_job(k.name, &q, &opts);
         // a good event first: it must not be written either, the batch is one unit
         if k.good_first {
-            c.source_sql(&format!("SELECT pgq.insert_event('{q}', 'I:id', 'id={}&txt=good', 'public.orders', NULL, NULL, NULL)", 1000 + i));
+            c.source_sql(&format!(
+                "SELECT pgq.insert_event('{q}', 'I:id', 'id={}&txt=good', 'public.orders', NULL, NULL, NULL)",
+                1000 + i
+            ));
         }
         let lit = |v: Option<&str>| v.map(literal).unwrap_or_else(|| "NULL".into());
         let id = c.value(
             "source",
-            &format!("SELECT pgq.insert_event('{q}', {}, {}, {}, NULL, NULL, NULL)", lit(k.ev_type), lit(k.ev_data), lit(k.ev_extra1)),
+            &format!(
+                "SELECT pgq.insert_event('{q}', {}, {}, {}, NULL, NULL, NULL)",
+                lit(k.ev_type),
+                lit(k.ev_data),
+                lit(k.ev_extra1)
+            ),
         );
         bad_ids.push(id.unwrap());
         c.tick(&q);
@@ -79,9 +133,14 @@ fn every_bad_input_gets_one_clear_error_and_writes_nothing() {
     for (k, ev_id) in cases.iter().zip(&bad_ids) {
         c.wait_status(k.name, "last_error", |e| e.is_some());
         let err = c.status(k.name, "last_error").unwrap();
-        let batch = c.value("source", &format!("SELECT current_batch FROM pgq.get_consumer_info('q_{0}', '{0}')", k.name));
+        let batch =
+            c.value("source", &format!("SELECT current_batch FROM pgq.get_consumer_info('q_{0}', '{0}')", k.name));
         let batch = batch.unwrap_or_else(|| panic!("{}: the batch must stay unfinished; error: {err}", k.name));
-        assert!(err.starts_with(&format!("batch {batch}: event {ev_id}, ")), "{}: names batch and event: {err}", k.name);
+        assert!(
+            err.starts_with(&format!("batch {batch}: event {ev_id}, ")),
+            "{}: names batch and event: {err}",
+            k.name
+        );
         for w in k.want {
             assert!(err.contains(w), "{}: expected {w:?} in: {err}", k.name);
         }
@@ -90,9 +149,16 @@ fn every_bad_input_gets_one_clear_error_and_writes_nothing() {
         assert_eq!(c.status(k.name, "state").as_deref(), Some("retrying"));
     }
     // nothing of any failing batch was written: not even the good events, not even a partition
-    assert_eq!(c.value("target", "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'orders\\_%'").as_deref(), Some("0"));
+    assert_eq!(
+        c.value("target", "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'orders\\_%'").as_deref(),
+        Some("0")
+    );
     assert_eq!(c.value("target", "SELECT count(*) FROM orders").as_deref(), Some("0"));
-    assert_eq!(c.value("target", "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'x%' OR tablename LIKE 'b.c%'").as_deref(), Some("0"));
+    assert_eq!(
+        c.value("target", "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'x%' OR tablename LIKE 'b.c%'")
+            .as_deref(),
+        Some("0")
+    );
 }
 
 #[test]
@@ -105,18 +171,31 @@ fn dead_letters_let_the_good_events_through_and_replay_later() {
     c.start_job("dl", "q", &[("on_error", "dead_letter")]);
     // two hand-made bad events, and a real logutriga row with a column the target lacks
     c.source_sql("INSERT INTO orders VALUES (2, 'b', 'x')");
-    let bad_value = c.value("source", "SELECT pgq.insert_event('q', 'I:id', 'id=zzz&txt=c', 'public.orders', NULL, NULL, NULL)").unwrap();
-    let bad_escape = c.value("source", "SELECT pgq.insert_event('q', 'I:id', 'id=4&txt=%zz', 'public.orders', NULL, NULL, NULL)").unwrap();
+    let bad_value = c
+        .value("source", "SELECT pgq.insert_event('q', 'I:id', 'id=zzz&txt=c', 'public.orders', NULL, NULL, NULL)")
+        .unwrap();
+    let bad_escape = c
+        .value("source", "SELECT pgq.insert_event('q', 'I:id', 'id=4&txt=%zz', 'public.orders', NULL, NULL, NULL)")
+        .unwrap();
     c.source_sql("INSERT INTO orders VALUES (5, 'e', NULL); UPDATE orders SET txt = 'b2' WHERE id = 2");
     c.source_sql("ALTER TABLE orders ADD COLUMN later int; INSERT INTO orders VALUES (6, 'f', NULL, 7)");
     c.tick("q");
     c.wait_caught_up("q", "dl");
     let part = format!("orders_{}", c.suffix("YYYY_MM_DD"));
-    assert_eq!(c.rows(&part, "id, txt"), vec![vec![Some("2".into()), Some("b2".into())], vec![Some("5".into()), Some("e".into())]]);
-    let letters = c.query("target", "SELECT ev_id::text, error FROM cube_dispatcher.dead_letter WHERE job_name = 'dl' ORDER BY ev_id");
+    assert_eq!(
+        c.rows(&part, "id, txt"),
+        vec![vec![Some("2".into()), Some("b2".into())], vec![Some("5".into()), Some("e".into())]]
+    );
+    let letters = c.query(
+        "target",
+        "SELECT ev_id::text, error FROM cube_dispatcher.dead_letter WHERE job_name = 'dl' ORDER BY ev_id",
+    );
     assert_eq!(letters.len(), 3, "{letters:?}");
     assert_eq!(letters[0][0].as_deref(), Some(bad_value.as_str()));
-    assert!(letters[0][1].as_deref().unwrap().contains("invalid input syntax for type integer: \"zzz\""), "{letters:?}");
+    assert!(
+        letters[0][1].as_deref().unwrap().contains("invalid input syntax for type integer: \"zzz\""),
+        "{letters:?}"
+    );
     assert_eq!(letters[1][0].as_deref(), Some(bad_escape.as_str()));
     assert!(letters[1][1].as_deref().unwrap().contains("malformed %-escape"), "{letters:?}");
     assert!(letters[2][1].as_deref().unwrap().contains("column \"later\" does not exist"), "{letters:?}");

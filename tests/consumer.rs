@@ -30,7 +30,11 @@ fn keep_latest_default_dateformat() {
     let part = format!("orders_{}", c.suffix("YYYY_MM_DD"));
     assert_eq!(
         c.rows(&part, "id, txt, val"),
-        vec![row(&[Some("1"), Some("uno"), Some("2.5")]), row(&[Some("2"), Some(""), None]), row(&[Some("4"), None, Some("4")])]
+        vec![
+            row(&[Some("1"), Some("uno"), Some("2.5")]),
+            row(&[Some("2"), Some(""), None]),
+            row(&[Some("4"), None, Some("4")])
+        ]
     );
     // the default keep_latest template gives the partition a primary key
     assert_eq!(
@@ -60,7 +64,11 @@ fn keep_all_month_partitions_keep_every_version() {
         vec![row(&[Some("1"), Some("a")]), row(&[Some("1"), Some("b")]), row(&[Some("1"), Some("c")])]
     );
     // keep_all's default template has no primary key: several versions of a key fit
-    assert_eq!(c.value("target", &format!("SELECT count(*) FROM pg_constraint WHERE conrelid = '{part}'::regclass")).as_deref(), Some("0"));
+    assert_eq!(
+        c.value("target", &format!("SELECT count(*) FROM pg_constraint WHERE conrelid = '{part}'::regclass"))
+            .as_deref(),
+        Some("0")
+    );
 
     // a delete is refused in keep_all, and the batch is left unfinished
     c.source_sql("INSERT INTO orders VALUES (2, 'x', 2); DELETE FROM orders WHERE id = 1;");
@@ -84,7 +92,10 @@ fn empty_dateformat_writes_into_the_table_itself() {
     c.tick("q");
     c.wait_caught_up("q", "np");
     assert_eq!(c.rows("orders", "id, txt"), vec![row(&[Some("1"), Some("a")])]);
-    assert_eq!(c.value("target", "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'orders\\_%'").as_deref(), Some("0"));
+    assert_eq!(
+        c.value("target", "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'orders\\_%'").as_deref(),
+        Some("0")
+    );
 }
 
 #[test]
@@ -140,8 +151,14 @@ newline' WHERE "OrderId" = 2 AND line = 1;
     assert_eq!(want.len(), 2);
     assert_eq!(c.query("target", &format!("SELECT {cols} FROM {part} ORDER BY 1, 2")), want);
     // NULL and '' stay apart
-    assert_eq!(c.value("target", &format!(r#"SELECT count(*) FROM {part} WHERE "Note Text" IS NULL"#)).as_deref(), Some("0"));
-    assert_eq!(c.value("target", &format!(r#"SELECT count(*) FROM {part} WHERE tags IS NULL AND blob IS NULL"#)).as_deref(), Some("1"));
+    assert_eq!(
+        c.value("target", &format!(r#"SELECT count(*) FROM {part} WHERE "Note Text" IS NULL"#)).as_deref(),
+        Some("0")
+    );
+    assert_eq!(
+        c.value("target", &format!(r#"SELECT count(*) FROM {part} WHERE tags IS NULL AND blob IS NULL"#)).as_deref(),
+        Some("1")
+    );
 }
 
 #[test]
@@ -171,7 +188,10 @@ fn template_words_are_substituted() {
         Some(format!("public_orders_{day}_txt"))
     );
     // words inside a string literal are replaced too, as the original did with plain text replace
-    assert_eq!(c.value("target", &format!("SELECT obj_description('{part}'::regclass)")).as_deref(), Some("made from public.orders"));
+    assert_eq!(
+        c.value("target", &format!("SELECT obj_description('{part}'::regclass)")).as_deref(),
+        Some("made from public.orders")
+    );
 }
 
 #[test]
@@ -217,14 +237,20 @@ fn a_bad_event_stalls_the_batch_until_fixed_then_nothing_is_lost() {
     assert!(err.contains("event ") && err.contains(&format!("public.{part}")), "{err}");
     let batch: i64 = err.trim_start_matches("batch ").split(':').next().unwrap().parse().unwrap();
     let log = c.log();
-    assert!(log.contains(&format!("cube_dispatcher job bad: batch {batch}: event")), "one clear log line naming job, batch, event");
+    assert!(
+        log.contains(&format!("cube_dispatcher job bad: batch {batch}: event")),
+        "one clear log line naming job, batch, event"
+    );
     assert_eq!(c.count("target", &part), 1, "nothing of the failing batch is written");
     let active = c.value("source", "SELECT current_batch FROM pgq.get_consumer_info('q', 'bad')");
     assert_eq!(active, Some(batch.to_string()), "the batch stays unfinished on the source");
 
     c.target_sql(&format!("ALTER TABLE {part} ADD COLUMN extra text"));
     c.wait_caught_up("q", "bad");
-    assert_eq!(c.rows(&part, "id, extra"), vec![row(&[Some("1"), None]), row(&[Some("2"), Some("x")]), row(&[Some("3"), None])]);
+    assert_eq!(
+        c.rows(&part, "id, extra"),
+        vec![row(&[Some("1"), None]), row(&[Some("2"), Some("x")]), row(&[Some("3"), None])]
+    );
 }
 
 #[test]

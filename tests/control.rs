@@ -65,7 +65,10 @@ fn settings_from_set_alter_database_and_global_defaults() {
     assert_eq!(c.status("a", "consumer").as_deref(), Some("a"), "pgq_consumer_id defaults to the job name");
     assert_eq!(c.status("b", "consumer").as_deref(), Some("bee"));
     // both consumers exist on the source once start() has returned
-    assert_eq!(c.value("source", "SELECT string_agg(consumer_name, ',' ORDER BY 1) FROM pgq.get_consumer_info()").as_deref(), Some("a,bee"));
+    assert_eq!(
+        c.value("source", "SELECT string_agg(consumer_name, ',' ORDER BY 1) FROM pgq.get_consumer_info()").as_deref(),
+        Some("a,bee")
+    );
 }
 
 #[test]
@@ -99,13 +102,18 @@ fn start_status_reload_and_two_jobs_side_by_side() {
     // reload: new dateformat and loop_delay apply at the next batch; the pid stays
     c.configure("one", &[("dateformat", "YYYY_MM"), ("loop_delay", "0.5")]);
     assert_eq!(c.value("target", "SELECT cube_dispatcher.reload('one')::text").as_deref(), Some("true"));
-    c.wait_until("reload logged", Duration::from_secs(20), || c.log().contains("cube_dispatcher job one: reloaded settings"));
+    c.wait_until("reload logged", Duration::from_secs(20), || {
+        c.log().contains("cube_dispatcher job one: reloaded settings")
+    });
     c.source_sql("INSERT INTO orders VALUES (2, 'b')");
     c.tick("q");
     c.wait_caught_up("q", "one");
     assert_eq!(c.count("target", &format!("orders_{}", c.suffix("YYYY_MM"))), 1);
     assert_eq!(c.status("one", "pid"), Some(pid.to_string()));
-    assert_eq!(c.value("target", "SELECT loop_delay::text FROM cube_dispatcher.job WHERE job_name = 'one'").as_deref(), Some("0.5"));
+    assert_eq!(
+        c.value("target", "SELECT loop_delay::text FROM cube_dispatcher.job WHERE job_name = 'one'").as_deref(),
+        Some("0.5")
+    );
 
     // invalid new settings: reload fails and the worker keeps what it has
     c.configure("one", &[("mode", "keep_nothing")]);
@@ -123,7 +131,9 @@ fn big_batch(c: &Cluster, queue: &str, n: i64) {
 fn wait_busy(c: &Cluster, pid: i32) {
     // the worker is inside the batch once it holds the partition-creation lock (held to commit)
     c.wait_until("worker busy with the batch", Duration::from_secs(30), || {
-        c.value("target", &format!("SELECT count(*) FROM pg_locks WHERE pid = {pid} AND locktype = 'advisory'")).as_deref() == Some("1")
+        c.value("target", &format!("SELECT count(*) FROM pg_locks WHERE pid = {pid} AND locktype = 'advisory'"))
+            .as_deref()
+            == Some("1")
     });
 }
 
@@ -138,7 +148,10 @@ fn stop_during_a_large_batch_completes_it() {
     assert!(!pid_alive(&c, &pid.to_string()), "stop() returns after the worker exited");
     let part = format!("orders_{}", c.suffix("YYYY_MM_DD"));
     assert_eq!(c.count("target", &part), 300_000, "the batch in progress was completed");
-    assert_eq!(c.value("source", "SELECT (current_batch IS NULL)::text FROM pgq.get_consumer_info('q', 's')").as_deref(), Some("true"));
+    assert_eq!(
+        c.value("source", "SELECT (current_batch IS NULL)::text FROM pgq.get_consumer_info('q', 's')").as_deref(),
+        Some("true")
+    );
     assert_eq!(c.status("s", "state").as_deref(), Some("stopped"));
     assert!(c.log().contains("cube_dispatcher job s: stopped"));
 }
@@ -160,10 +173,16 @@ fn kill_during_a_large_batch_loses_and_doubles_nothing() {
     assert_eq!(c.status("k", "state").as_deref(), Some("stopped"));
     // the postmaster would restart a worker that died; a killed job must stay down
     std::thread::sleep(Duration::from_secs(7));
-    assert_eq!(c.value("target", "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'cube_dispatcher k'").as_deref(), Some("0"));
+    assert_eq!(
+        c.value("target", "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'cube_dispatcher k'").as_deref(),
+        Some("0")
+    );
     c.target_sql("SELECT cube_dispatcher.start('k')");
     c.wait_caught_up("q", "k");
-    assert_eq!(c.value("target", &format!("SELECT count(*) || ' ' || count(DISTINCT id) FROM {part}")).as_deref(), Some("300000 300000"));
+    assert_eq!(
+        c.value("target", &format!("SELECT count(*) || ' ' || count(DISTINCT id) FROM {part}")).as_deref(),
+        Some("300000 300000")
+    );
 }
 
 #[test]
@@ -189,7 +208,8 @@ fn restart_resumes_running_jobs_but_not_stopped_ones() {
     c.restart_immediate();
     c.wait_status("run", "state", |s| s == Some("running"));
     c.wait_until("resumed worker", Duration::from_secs(30), || {
-        c.value("target", "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'cube_dispatcher run'").as_deref() == Some("1")
+        c.value("target", "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'cube_dispatcher run'").as_deref()
+            == Some("1")
     });
     assert!(c.log().contains("cube_dispatcher: resumed job run"));
     assert!(!c.log().contains("resumed job rest"));

@@ -38,7 +38,12 @@ fn server_cmd(program: &str) -> Command {
 
 fn run(mut c: Command, what: &str) {
     let out = c.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert!(out.status.success(), "{what} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 impl Cluster {
@@ -65,7 +70,18 @@ impl Cluster {
         let c = Cluster { dir, port, user, pgqd: None };
         let data = c.data_dir();
         let mut initdb = server_cmd("initdb");
-        initdb.args(["-D", data.to_str().unwrap(), "-A", "trust", "-U", &c.user.clone(), "--no-sync", "-E", "UTF8", "--locale=C.UTF-8"]);
+        initdb.args([
+            "-D",
+            data.to_str().unwrap(),
+            "-A",
+            "trust",
+            "-U",
+            &c.user.clone(),
+            "--no-sync",
+            "-E",
+            "UTF8",
+            "--locale=C.UTF-8",
+        ]);
         run(initdb, "initdb");
         let mut conf = format!(
             "port = {port}\nunix_socket_directories = '{}'\nlisten_addresses = ''\n\
@@ -115,12 +131,8 @@ impl Cluster {
     pub fn connect(&self, db: &str) -> Client {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let r = postgres::Config::new()
-                .host_path(&self.dir)
-                .port(self.port)
-                .user(&self.user)
-                .dbname(db)
-                .connect(NoTls);
+            let r =
+                postgres::Config::new().host_path(&self.dir).port(self.port).user(&self.user).dbname(db).connect(NoTls);
             match r {
                 Ok(c) => return c,
                 Err(e) if Instant::now() < deadline => {
@@ -224,7 +236,9 @@ impl Cluster {
     }
 
     pub fn wait_status(&self, job: &str, column: &str, pred: impl Fn(Option<&str>) -> bool) {
-        self.wait_until(&format!("status.{column} of {job}"), Duration::from_secs(60), || pred(self.status(job, column).as_deref()));
+        self.wait_until(&format!("status.{column} of {job}"), Duration::from_secs(60), || {
+            pred(self.status(job, column).as_deref())
+        });
     }
 
     /// Rows of a target table, sorted, as text.
@@ -294,7 +308,8 @@ impl Drop for Cluster {
             if let Ok(pid) = std::fs::read_to_string(self.dir.join("pgqd.pid")) {
                 let _ = Command::new("kill").arg(pid.trim()).status();
             }
-            let _ = Command::new("pkill").args(["-f", &format!("pgqd {}", self.dir.join("pgqd.ini").display())]).status();
+            let _ =
+                Command::new("pkill").args(["-f", &format!("pgqd {}", self.dir.join("pgqd.ini").display())]).status();
             let _ = p.wait();
         }
         let pid = self.postmaster_pid();
