@@ -10,6 +10,7 @@ use crate::source::RawEvent;
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use pgrx::PgTryBuilder;
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::ffi::{CStr, CString};
 use std::panic::AssertUnwindSafe;
@@ -86,6 +87,17 @@ pub fn quote_ident(name: &str) -> String {
     // decode refuses NUL, and names from the catalog cannot hold one
     let c = CString::new(name).expect("identifier without NUL");
     unsafe { CStr::from_ptr(pg_sys::quote_identifier(c.as_ptr())) }.to_string_lossy().into_owned()
+}
+
+impl Partition {
+    fn key_indexed(&self, first_key_column: &str) -> bool {
+        crate::spi::value::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+                             WHERE i.indrelid = $1 AND a.attname = $2)",
+            &[self.relid.into(), first_key_column.into()],
+        )
+        .unwrap_or(false)
+    }
 }
 
 struct Partition {
@@ -380,7 +392,7 @@ impl<'a> BatchWriter<'a> {
                     if col > 0 {
                         buf.push(b'\t');
                     }
-                    crate::copy_in::push_value(&mut buf, v.as_deref());
+                    crate::copy_in::push_value(&mut buf, *v);
                 }
                 buf.push(b'\n');
             }
@@ -396,13 +408,23 @@ impl<'a> BatchWriter<'a> {
             exprs.join(", "),
             unnest_from("u", n)
         );
-        let rows = g.rows.iter().map(|&i| changes[i].row.iter().map(|(_, v)| v.as_deref()).collect::<Vec<_>>());
+        let rows =
+            g.rows.iter().map(|&i| changes[i].row.iter().map(|(_, v)| v.map(|e| e.decoded())).collect::<Vec<_>>());
         run_sql(&sql, &column_arrays(n, rows)).map_err(fail)
     }
 
     fn delete(&self, d: &DeleteGroup) -> Result<(), ApplyError> {
-        let part = &self.partitions[d.dest];
         self.check_columns(d.dest, d.ev_ids[0], d.key_columns.iter().map(String::as_str))?;
+        // A partition being filled by this very batch has no statistics yet, so the planner takes
+        // it for small and would hash all of it for every chunk's delete: quadratic. When an
+        // index leads with the key, probing it per key is always right; pin that plan.
+        let joins = if self.partitions[d.dest].key_indexed(&d.key_columns[0]) { "off" } else { "on" };
+        run_sql(
+            "SELECT set_config('enable_hashjoin', $1, true), set_config('enable_mergejoin', $1, true)",
+            &[joins.into()],
+        )
+        .map_err(|cause| self.statement_error(d.ev_ids[0], d.ev_ids[0], &self.partitions[d.dest], cause))?;
+        let part = &self.partitions[d.dest];
         let n = d.key_columns.len();
         let conds: Vec<String> = (0..n)
             .map(|i| {
@@ -416,7 +438,7 @@ impl<'a> BatchWriter<'a> {
         let sql =
             format!("DELETE FROM {} t USING {} WHERE {}", part.qualified, unnest_from("k", n), conds.join(" AND "));
         let (first, last) = (*d.ev_ids.iter().min().unwrap(), *d.ev_ids.iter().max().unwrap());
-        let keys = d.keys.iter().map(|k| k.iter().map(|v| v.as_deref()).collect::<Vec<_>>());
+        let keys = d.keys.iter().map(|k| k.to_vec());
         run_sql(&sql, &column_arrays(n, keys)).map_err(|cause| self.statement_error(first, last, part, cause))
     }
 
@@ -437,11 +459,11 @@ fn unnest_from(alias: &str, n: usize) -> String {
 }
 
 /// Rows of n values turned into n text[] parameters, one per column.
-fn column_arrays<'a, 'v>(n: usize, rows: impl Iterator<Item = Vec<Option<&'v str>>>) -> Vec<DatumWithOid<'a>> {
+fn column_arrays<'a, 'v>(n: usize, rows: impl Iterator<Item = Vec<Option<Cow<'v, str>>>>) -> Vec<DatumWithOid<'a>> {
     let mut columns: Vec<Vec<Option<String>>> = vec![Vec::new(); n];
     for row in rows {
         for (i, v) in row.into_iter().enumerate() {
-            columns[i].push(v.map(str::to_string));
+            columns[i].push(v.map(Cow::into_owned));
         }
     }
     columns.into_iter().map(DatumWithOid::from).collect()

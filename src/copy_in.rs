@@ -3,29 +3,22 @@
 //! inserts; it runs BEFORE/AFTER triggers and routes into declarative partitions like COPY does.
 //! It skips COPY's permission and row-security checks, so the caller checks (see `usable`).
 
+use crate::decode::Encoded;
 use pgrx::prelude::*;
 use std::ffi::{c_int, c_void, CString};
 
-/// COPY text format of one value: NULL is \N; backslash, newline, CR and tab are escaped.
-pub fn push_value(buf: &mut Vec<u8>, v: Option<&str>) {
+/// COPY text format of one value, decoded straight from its url encoding: NULL is \N;
+/// backslash, newline, CR and tab are escaped.
+pub fn push_value(buf: &mut Vec<u8>, v: Option<Encoded>) {
     match v {
         None => buf.extend_from_slice(b"\\N"),
-        Some(s) => {
-            let bytes = s.as_bytes();
-            if !bytes.iter().any(|&b| matches!(b, b'\\' | b'\n' | b'\r' | b'\t')) {
-                buf.extend_from_slice(bytes);
-                return;
-            }
-            for &b in bytes {
-                match b {
-                    b'\\' => buf.extend_from_slice(b"\\\\"),
-                    b'\n' => buf.extend_from_slice(b"\\n"),
-                    b'\r' => buf.extend_from_slice(b"\\r"),
-                    b'\t' => buf.extend_from_slice(b"\\t"),
-                    _ => buf.push(b),
-                }
-            }
-        }
+        Some(e) => e.decode_each(|b| match b {
+            b'\\' => buf.extend_from_slice(b"\\\\"),
+            b'\n' => buf.extend_from_slice(b"\\n"),
+            b'\r' => buf.extend_from_slice(b"\\r"),
+            b'\t' => buf.extend_from_slice(b"\\t"),
+            _ => buf.push(b),
+        }),
     }
 }
 
@@ -95,5 +88,22 @@ pub fn copy_rows(relid: pg_sys::Oid, columns: &[&str], data: &[u8]) -> u64 {
         pg_sys::free_parsestate(pstate);
         pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
         n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::push_value;
+    use crate::decode::parse_row;
+
+    #[test]
+    fn values_become_copy_text() {
+        let row = parse_row(Some("a=x%09y%0az%5c&b&c=&d=%e2%82%ac+1")).unwrap();
+        let mut buf = Vec::new();
+        for (_, v) in &row {
+            push_value(&mut buf, *v);
+            buf.push(b'|');
+        }
+        assert_eq!(String::from_utf8(buf).unwrap(), "x\\ty\\nz\\\\|\\N||€ 1|");
     }
 }

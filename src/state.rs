@@ -111,7 +111,7 @@ pub fn record_batch(job: &str, info: &BatchInfo, events: i64, recent_eps: f64) {
     crate::spi::run(
         "UPDATE cube_dispatcher.job_state SET last_tick_id = $2, last_batch_id = $3, last_batch_end = $4::timestamptz,
                 batches_done = batches_done + 1, events_done = events_done + $5, lag = $6::interval,
-                recent_eps = $7, state = 'running', updated_at = now()
+                recent_eps = $7, state = 'running', last_batch_at = clock_timestamp(), updated_at = now()
           WHERE job_name = $1",
         &[
             job.into(),
