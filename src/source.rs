@@ -28,6 +28,8 @@ pub struct BatchInfo {
     /// to_char(batch_end, dateformat), computed on the source as the original did.
     pub suffix: Option<String>,
     pub lag: Option<String>,
+    /// pgq.batch_event_sql(): the query that reads the batch's events
+    pub events_sql: String,
 }
 
 pub struct Source {
@@ -108,35 +110,36 @@ impl Source {
         );
     }
 
-    pub fn next_batch(&mut self, queue: &str, consumer: &str) -> Option<i64> {
-        self.connect();
-        crate::spi::value(
-            "SELECT r FROM dblink($1, format('select pgq.next_batch(%L, %L)', $2::text, $3::text)) AS t(r bigint)",
-            &[CONN.into(), queue.into(), consumer.into()],
-        )
-    }
-
-    pub fn batch_info(&mut self, batch_id: i64, dateformat: Option<&str>) -> BatchInfo {
+    /// The next batch with everything needed to process it, in one round trip: its ticks, end
+    /// time and partition suffix (to_char evaluated on the source, as the original did), lag,
+    /// and the SQL that selects its events. None when there is no batch.
+    pub fn next_batch(&mut self, queue: &str, consumer: &str, dateformat: Option<&str>) -> Option<BatchInfo> {
         self.connect();
         Spi::connect(|c| {
-            let row = c
-                .select(
-                    "SELECT prev_tick_id, tick_id, batch_end::text, suffix, lag::text
-                       FROM dblink($1, format('select prev_tick_id, tick_id, batch_end, to_char(batch_end, %L), lag
-                                                 from pgq.get_batch_info(%s)', coalesce($3, ''), $2::bigint))
-                         AS t(prev_tick_id bigint, tick_id bigint, batch_end timestamptz, suffix text, lag interval)",
-                    Some(1),
-                    &[CONN.into(), batch_id.into(), dateformat.into()],
-                )?
-                .first();
-            Ok::<_, pgrx::spi::Error>(BatchInfo {
+            let rows = c.select(
+                "SELECT id, prev_tick_id, tick_id, batch_end::text, suffix, lag::text, events_sql
+                   FROM dblink($1, format(
+                        'select b.id, i.prev_tick_id, i.tick_id, i.batch_end, to_char(i.batch_end, %L), i.lag,
+                                case when b.id is not null then pgq.batch_event_sql(b.id) end
+                           from (select pgq.next_batch(%L, %L) as id) b
+                           left join lateral pgq.get_batch_info(b.id) i on b.id is not null',
+                        coalesce($4, ''), $2::text, $3::text))
+                     AS t(id bigint, prev_tick_id bigint, tick_id bigint, batch_end timestamptz, suffix text,
+                          lag interval, events_sql text)",
+                Some(1),
+                &[CONN.into(), queue.into(), consumer.into(), dateformat.into()],
+            )?;
+            let row = rows.first();
+            let Some(batch_id) = row.get::<i64>(1)? else { return Ok(None) };
+            Ok::<_, pgrx::spi::Error>(Some(BatchInfo {
                 batch_id,
-                prev_tick_id: row.get(1)?.unwrap_or_default(),
-                tick_id: row.get(2)?.unwrap_or_default(),
-                batch_end: row.get(3)?.unwrap_or_default(),
-                suffix: if dateformat.is_some() { row.get::<String>(4)? } else { None },
-                lag: row.get(5)?,
-            })
+                prev_tick_id: row.get(2)?.unwrap_or_default(),
+                tick_id: row.get(3)?.unwrap_or_default(),
+                batch_end: row.get(4)?.unwrap_or_default(),
+                suffix: if dateformat.is_some() { row.get::<String>(5)? } else { None },
+                lag: row.get(6)?,
+                events_sql: row.get(7)?.unwrap_or_default(),
+            }))
         })
         .unwrap_or_else(|e| crate::spi::fail(e))
     }
@@ -144,14 +147,12 @@ impl Source {
     /// Declares a remote cursor over the batch's events in ev_id order and asks for the first
     /// chunk. Events are then read with next_chunk(), so memory stays bounded however large the
     /// batch is.
-    pub fn open_events(&mut self, batch_id: i64, chunk: usize) {
+    pub fn open_events(&mut self, batch: &BatchInfo, chunk: usize) {
         self.connect();
         self.close_events();
         crate::spi::run(
-            "SELECT dblink_open($1, $2,
-                 format('select ev_id, ev_time, ev_type, ev_data, ev_extra1 from (%s) e order by 1',
-                        (SELECT s FROM dblink($1, format('select pgq.batch_event_sql(%s)', $3::bigint)) AS t(s text))))",
-            &[CONN.into(), CURSOR.into(), batch_id.into()],
+            "SELECT dblink_open($1, $2, format('select ev_id, ev_time, ev_type, ev_data, ev_extra1 from (%s) e order by 1', $3::text))",
+            &[CONN.into(), CURSOR.into(), batch.events_sql.as_str().into()],
         );
         self.cursor_open = true;
         self.chunk = chunk;

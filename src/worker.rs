@@ -7,7 +7,7 @@
 
 use crate::apply::{caught, in_subtransaction, ApplyError, BatchWriter, EventError};
 use crate::config::{mask_password, JobConfig, LogLevel, OnError};
-use crate::source::{BatchInfo, Source};
+use crate::source::Source;
 use crate::state;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
@@ -151,11 +151,12 @@ impl Worker {
             None => e,
         };
         let outcome = in_transaction(|| {
-            let Some(batch_id) = source.next_batch(&cfg.pgq_queue_name, &cfg.pgq_consumer_id) else {
+            let Some(info) = source.next_batch(&cfg.pgq_queue_name, &cfg.pgq_consumer_id, cfg.dateformat.as_deref())
+            else {
                 return Ok(None);
             };
+            let batch_id = info.batch_id;
             current.set(Some(batch_id));
-            let info: BatchInfo = source.batch_info(batch_id, cfg.dateformat.as_deref());
             match state::last_tick(&cfg.job_name) {
                 // written and committed here, but the source never heard: only finish it
                 Some(t) if t == info.tick_id => return Ok(Some((info, 0, Vec::new(), 0, true))),
@@ -167,7 +168,7 @@ impl Worker {
             let mut writer = BatchWriter::new(&cfg, info.suffix.clone());
             let mut events = 0i64;
             let mut dead = 0i64;
-            source.open_events(batch_id, CHUNK_EVENTS);
+            source.open_events(&info, CHUNK_EVENTS);
             loop {
                 let chunk = source.next_chunk();
                 if chunk.is_empty() {
