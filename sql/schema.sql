@@ -11,6 +11,7 @@ CREATE TABLE cube_dispatcher.job (
     connection_lifetime float8 NOT NULL CHECK (connection_lifetime > 0),
     log_level           text NOT NULL CHECK (log_level IN ('quiet', 'normal', 'verbose')),
     on_error            text NOT NULL DEFAULT 'retry' CHECK (on_error IN ('retry', 'dead_letter')),
+    tables              text,                   -- allow-list of parent tables; NULL: any
     run_as              oid NOT NULL,           -- the role that called start(); the worker connects as it
     enabled             boolean NOT NULL,       -- false after stop()/kill(): not resumed
     config_version      bigint NOT NULL DEFAULT 1,
@@ -63,7 +64,8 @@ SELECT j.job_name,
        j.pgq_consumer_id AS consumer,
        j.mode,
        j.dateformat,
-       cube_dispatcher.mask_password(j.src_db) AS src_db,
+       CASE WHEN pg_has_role(current_user, j.run_as, 'MEMBER')
+            THEN cube_dispatcher.mask_password(j.src_db) END AS src_db,
        s.started_at,
        s.last_batch_id,
        s.last_batch_end,

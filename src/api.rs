@@ -3,6 +3,7 @@
 
 use crate::apply::{in_subtransaction, BatchWriter};
 use crate::config::{self, mask_password, JobConfig, OPTIONS};
+use crate::roles;
 use crate::source::{RawEvent, Source};
 use crate::state;
 use crate::worker;
@@ -44,18 +45,36 @@ fn wait_gone(pid: i32) {
     }
 }
 
+/// The job's definition, if the caller may manage it (its owner, a member of the owner's role,
+/// or a superuser); an error otherwise.
+fn own_job(job: &str) -> Option<state::JobRow> {
+    let row = state::load_job(job)?;
+    let caller = roles::caller();
+    if !roles::may_manage(caller, row.run_as) {
+        error!("cube_dispatcher: permission denied for job {job}: it belongs to role {}", roles::name(row.run_as));
+    }
+    Some(row)
+}
+
+fn existing_job(job: &str) -> state::JobRow {
+    own_job(job).unwrap_or_else(|| error!("cube_dispatcher job {job} does not exist"))
+}
+
 /// Reads and validates the job's settings, stores them as its definition, starts its worker and
-/// returns the worker's pid. The worker starts work when this transaction commits.
-#[pg_extern]
+/// returns the worker's pid. The worker starts work when this transaction commits; it reads the
+/// source and writes rows with the privileges of the role calling start().
+#[pg_extern(security_definer)]
 fn start(job: &str) -> i32 {
+    own_job(job);
     if let Some(pid) = state::live_pid(job) {
         error!("cube_dispatcher job {job} is already running (pid {pid})");
     }
     let cfg = read_config(job);
+    let role = roles::caller();
     // Registering here, not only in the worker, makes the contract simple: every event queued
     // after start() returns is delivered. It also proves src_db and the queue are usable.
     let registered = crate::apply::catching(|| {
-        let mut source = Source::new(&cfg.src_db, Duration::from_secs(60));
+        let mut source = Source::new(role, &cfg.src_db, Duration::from_secs(60));
         source.register(&cfg.pgq_queue_name, &cfg.pgq_consumer_id);
         source.disconnect();
         Ok(())
@@ -68,19 +87,18 @@ fn start(job: &str) -> i32 {
             mask_password(&cfg.src_db)
         );
     }
-    let role = unsafe { pg_sys::GetUserId() };
     state::save_job(&cfg, role);
-    worker::launch(job, role)
+    worker::launch(job)
 }
 
 /// Re-reads and validates the settings; the worker applies them before its next batch.
 /// Invalid settings fail here and the worker keeps the ones it has.
-#[pg_extern]
+#[pg_extern(security_definer)]
 fn reload(job: &str) -> bool {
-    let cfg = read_config(job);
-    let Some(old) = state::load_job(job) else {
+    let Some(old) = own_job(job) else {
         error!("cube_dispatcher job {job} does not exist; use cube_dispatcher.start('{job}')");
     };
+    let cfg = read_config(job);
     state::save_job(&cfg, old.run_as);
     if !old.enabled {
         state::set_enabled(job, false);
@@ -95,9 +113,7 @@ fn reload(job: &str) -> bool {
 }
 
 fn halt(job: &str, sig: i32) -> bool {
-    if state::load_job(job).is_none() {
-        error!("cube_dispatcher job {job} does not exist");
-    }
+    existing_job(job);
     state::set_enabled(job, false);
     let pid = state::live_pid(job);
     if let Some(pid) = pid {
@@ -110,25 +126,23 @@ fn halt(job: &str, sig: i32) -> bool {
 
 /// Stops safely: the batch in progress is completed, then the worker exits. Returns false if the
 /// job was not running.
-#[pg_extern]
+#[pg_extern(security_definer)]
 fn stop(job: &str) -> bool {
     halt(job, libc::SIGINT)
 }
 
 /// Stops at once: the batch in progress is rolled back and done again on the next start.
-#[pg_extern]
+#[pg_extern(security_definer)]
 fn kill(job: &str) -> bool {
     halt(job, libc::SIGTERM)
 }
 
 /// Stops the job, unregisters its consumer on the source and forgets the job.
-#[pg_extern(name = "drop")]
+#[pg_extern(security_definer, name = "drop")]
 fn drop_job(job: &str) -> bool {
-    let Some(row) = state::load_job(job) else {
-        error!("cube_dispatcher job {job} does not exist");
-    };
+    let row = existing_job(job);
     halt(job, libc::SIGINT);
-    let mut source = Source::new(&row.config.src_db, Duration::from_secs(60));
+    let mut source = Source::new(row.run_as, &row.config.src_db, Duration::from_secs(60));
     source.unregister(&row.config.pgq_queue_name, &row.config.pgq_consumer_id);
     source.disconnect();
     crate::spi::run("DELETE FROM cube_dispatcher.job WHERE job_name = $1", &[job.into()]);
@@ -144,11 +158,9 @@ pub fn mask_password_sql(conninfo: &str) -> String {
 /// Writes the job's dead letters again, oldest event first, each in its own subtransaction, into
 /// the partition of the batch they came from. Those that succeed are removed; the others keep
 /// their row with the new error. Returns how many were written.
-#[pg_extern]
+#[pg_extern(security_definer)]
 fn replay_dead_letters(job: &str) -> i64 {
-    let Some(row) = state::load_job(job) else {
-        error!("cube_dispatcher job {job} does not exist");
-    };
+    let row = existing_job(job);
     let letters: Vec<(i64, Option<String>, RawEvent)> = Spi::connect(|c| {
         let rows = c.select(
             "SELECT id, suffix, ev_id, ev_time::text, ev_type, ev_data, ev_extra1
@@ -172,7 +184,7 @@ fn replay_dead_letters(job: &str) -> i64 {
     .unwrap_or_else(|e| crate::spi::fail(e));
     let mut written = 0;
     for (id, suffix, ev) in letters {
-        let mut writer = BatchWriter::new(&row.config, suffix);
+        let mut writer = BatchWriter::new(&row.config, row.run_as, suffix);
         match in_subtransaction(|| writer.apply(std::slice::from_ref(&ev))) {
             Ok(()) => {
                 crate::spi::run("DELETE FROM cube_dispatcher.dead_letter WHERE id = $1", &[id.into()]);

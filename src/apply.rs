@@ -76,6 +76,8 @@ pub enum EventError {
     NoPartition(String),
     #[error("parent table {0} does not exist")]
     NoParent(String),
+    #[error("table {0} is not in the job's tables list")]
+    NotAllowed(String),
     #[error("creating partition {table} failed: {cause}")]
     Template { table: String, cause: SqlError },
     #[error("{0}")]
@@ -112,6 +114,8 @@ struct Partition {
 /// One batch being applied. Partitions are looked up once per batch (a batch has one suffix).
 pub struct BatchWriter<'a> {
     job: &'a JobConfig,
+    /// Rows and partitions are written with this role's privileges (the job's owner).
+    role: pg_sys::Oid,
     suffix: Option<String>,
     partitions: Vec<Partition>,
     by_name: HashMap<TableName, usize>,
@@ -181,9 +185,10 @@ pub fn caught_message(e: &pg_sys::panic::CaughtError) -> String {
 }
 
 impl<'a> BatchWriter<'a> {
-    pub fn new(job: &'a JobConfig, suffix: Option<String>) -> Self {
+    pub fn new(job: &'a JobConfig, role: pg_sys::Oid, suffix: Option<String>) -> Self {
         BatchWriter {
             job,
+            role,
             suffix,
             partitions: Vec::new(),
             by_name: HashMap::new(),
@@ -215,6 +220,9 @@ impl<'a> BatchWriter<'a> {
             cause,
         };
         let parent = decode::parse_table(raw).map_err(|e| fail(e.into()))?;
+        if self.job.tables.as_ref().is_some_and(|t| !t.allows(&parent.schema, &parent.table)) {
+            return Err(fail(EventError::NotAllowed(route::qualified(&parent, &quote_ident))));
+        }
         let dest = route::partition_of(&parent, self.suffix.as_deref()).map_err(|e| fail(e.into()))?;
         let i = match self.by_name.get(&dest) {
             Some(&i) => i,
@@ -272,6 +280,10 @@ impl<'a> BatchWriter<'a> {
     /// Applies a run of events in order. Callers pass the batch in chunks; chunks are applied one
     /// after the other, so the result equals applying every event in ev_id order.
     pub fn apply(&mut self, events: &[RawEvent]) -> Result<(), ApplyError> {
+        crate::roles::as_role(self.role, || self.apply_as_owner(events))
+    }
+
+    fn apply_as_owner(&mut self, events: &[RawEvent]) -> Result<(), ApplyError> {
         let mut changes = Vec::with_capacity(events.len());
         for ev in events {
             changes.push(self.change(ev)?);

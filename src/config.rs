@@ -18,6 +18,7 @@ pub const OPTIONS: &[&str] = &[
     "connection_lifetime",
     "log_level",
     "on_error",
+    "tables",
 ];
 
 /// What a batch that fails because of its events does.
@@ -85,6 +86,35 @@ pub struct JobConfig {
     pub connection_lifetime: f64,
     pub log_level: LogLevel,
     pub on_error: OnError,
+    /// The parent tables events may write into (`tables` option); None: any table the job's
+    /// role may write.
+    pub tables: Option<TableList>,
+}
+
+/// An allow-list of `schema.table` and `schema.*` entries, names as logutriga writes them
+/// (unquoted, exact case); an entry without a schema means `public`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableList {
+    pub text: String,
+    entries: Vec<(String, Option<String>)>,
+}
+
+impl TableList {
+    pub fn parse(text: &str) -> Option<TableList> {
+        let mut entries = Vec::new();
+        for item in text.split(',').map(str::trim) {
+            let (schema, table) = item.split_once('.').unwrap_or(("public", item));
+            if schema.is_empty() || table.is_empty() {
+                return None;
+            }
+            entries.push((schema.to_string(), (table != "*").then(|| table.to_string())));
+        }
+        Some(TableList { text: text.to_string(), entries })
+    }
+
+    pub fn allows(&self, schema: &str, table: &str) -> bool {
+        self.entries.iter().any(|(s, t)| s == schema && t.as_deref().is_none_or(|t| t == table))
+    }
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -172,6 +202,14 @@ impl JobConfig {
                 None => return Err(invalid(guc, &v, "expected quiet, normal or verbose")),
             },
         };
+        let tables = match get("tables") {
+            None => None,
+            Some((v, _)) if v.trim().is_empty() => None,
+            Some((v, guc)) => match TableList::parse(&v) {
+                Some(t) => Some(t),
+                None => return Err(invalid(guc, &v, "expected a comma-separated list of schema.table or schema.*")),
+            },
+        };
         let on_error = match get("on_error") {
             None => OnError::Retry,
             Some((v, guc)) => match OnError::parse(v.trim()) {
@@ -197,6 +235,7 @@ impl JobConfig {
             connection_lifetime,
             log_level,
             on_error,
+            tables,
         })
     }
 }
@@ -384,6 +423,26 @@ mod tests {
         for bad in ["", "Sales", "1job", "a-b", "a.b", &"x".repeat(41)] {
             assert!(JobConfig::from_settings(bad, &|_| None, "t").is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn table_allow_list() {
+        let t = TableList::parse("public.orders, Sales.*, items").unwrap();
+        let cases = [
+            ("public", "orders", true),
+            ("public", "items", true),
+            ("Sales", "Order Lines", true),
+            ("sales", "x", false),
+            ("public", "orders_2026", false),
+            ("pg_catalog", "pg_authid", false),
+            ("cube_dispatcher", "job", false),
+        ];
+        for (schema, table, want) in cases {
+            assert_eq!(t.allows(schema, table), want, "{schema}.{table}");
+        }
+        assert!(TableList::parse("a.,b").is_none());
+        assert!(cfg(&with(&[("tables", "x..")])).is_ok_and(|c| c.tables.unwrap().allows("x", ".")));
+        assert!(cfg(&with(&[("tables", ",")])).unwrap_err().to_string().contains("cube_dispatcher.sales.tables"));
     }
 
     #[test]

@@ -98,33 +98,27 @@ pub extern "C-unwind" fn cube_dispatcher_launcher_main(_arg: pg_sys::Datum) {
 pub extern "C-unwind" fn cube_dispatcher_resume_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(arg.value() as u32)), None);
-    let jobs: Vec<(String, pg_sys::Oid)> = BackgroundWorker::transaction(|| {
+    let jobs: Vec<String> = BackgroundWorker::transaction(|| {
         let installed: Option<bool> =
             crate::spi::value("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'cube_dispatcher')", &[]);
         if installed != Some(true) {
             return Vec::new();
         }
         Spi::connect(|c| {
-            let rows = c.select(
-                "SELECT job_name, run_as FROM cube_dispatcher.job WHERE enabled ORDER BY job_name",
-                None,
-                &[],
-            )?;
+            let rows =
+                c.select("SELECT job_name FROM cube_dispatcher.job WHERE enabled ORDER BY job_name", None, &[])?;
             let mut out = Vec::new();
             for r in rows {
-                out.push((
-                    r.get::<String>(1)?.unwrap_or_default(),
-                    r.get::<pg_sys::Oid>(2)?.unwrap_or(pg_sys::InvalidOid),
-                ));
+                out.push(r.get::<String>(1)?.unwrap_or_default());
             }
             Ok::<_, pgrx::spi::Error>(out)
         })
         .unwrap_or_default()
     });
-    for (job, role) in jobs {
+    for job in jobs {
         let running = BackgroundWorker::transaction(|| state::live_pid(&job));
         if running.is_none() {
-            let pid = BackgroundWorker::transaction(|| worker::launch(&job, role));
+            let pid = BackgroundWorker::transaction(|| worker::launch(&job));
             log!("cube_dispatcher: resumed job {job} (pid {pid})");
         }
     }

@@ -12,6 +12,7 @@ pub mod route;
 pub mod api;
 pub mod apply;
 pub mod launcher;
+pub mod roles;
 pub mod source;
 pub mod spi;
 pub mod state;
@@ -30,6 +31,7 @@ pub extern "C-unwind" fn _PG_init() {
 }
 
 ::pgrx::extension_sql_file!("../sql/schema.sql", name = "schema", requires = [api::mask_password_sql]);
+::pgrx::extension_sql_file!("../sql/privileges.sql", name = "privileges", finalize);
 
 // Only in builds for `cargo pgrx test` (feature pg_test), so plain `cargo test` stays server-free.
 #[cfg(feature = "pg_test")]

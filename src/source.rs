@@ -2,6 +2,7 @@
 //! that knows dblink. Remote statements are built by PostgreSQL's format() with %L/%s of values
 //! that are parameters here, never by pasting text in Rust.
 
+use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use std::time::{Duration, Instant};
 
@@ -33,6 +34,8 @@ pub struct BatchInfo {
 }
 
 pub struct Source {
+    /// dblink runs as this role: its password rule then applies to non-superusers.
+    role: pg_sys::Oid,
     conninfo: String,
     lifetime: Duration,
     opened_at: Option<Instant>,
@@ -44,8 +47,17 @@ pub struct Source {
 }
 
 impl Source {
-    pub fn new(conninfo: &str, lifetime: Duration) -> Source {
+    fn value<T: FromDatum + IntoDatum>(&self, sql: &str, args: &[DatumWithOid]) -> Option<T> {
+        crate::roles::as_role(self.role, || crate::spi::value(sql, args))
+    }
+
+    fn run(&self, sql: &str, args: &[DatumWithOid]) {
+        crate::roles::as_role(self.role, || crate::spi::run(sql, args))
+    }
+
+    pub fn new(role: pg_sys::Oid, conninfo: &str, lifetime: Duration) -> Source {
         Source {
+            role,
             conninfo: conninfo.to_string(),
             lifetime,
             opened_at: None,
@@ -75,7 +87,7 @@ impl Source {
         // a connection of that name may be left in this session by an earlier failed call
         self.disconnect();
         // dblink reports a failed connection with libpq's message, which never contains the password.
-        crate::spi::run("SELECT dblink_connect($1, $2)", &[CONN.into(), self.conninfo.as_str().into()]);
+        self.run("SELECT dblink_connect($1, $2)", &[CONN.into(), self.conninfo.as_str().into()]);
         self.opened_at = Some(Instant::now());
         self.cursor_open = false;
         self.fetch_in_flight = false;
@@ -84,7 +96,7 @@ impl Source {
     /// Drops the connection (and with it any remote transaction and cursor). Safe to call at any
     /// time, also after an error: it only acts if the connection exists.
     pub fn disconnect(&mut self) {
-        let _ = crate::spi::run(
+        let _ = self.run(
             "SELECT dblink_disconnect($1) WHERE $1 = ANY (coalesce(dblink_get_connections(), '{}'))",
             &[CONN.into()],
         );
@@ -96,7 +108,7 @@ impl Source {
     /// pgq.register_consumer is a no-op for a consumer that exists.
     pub fn register(&mut self, queue: &str, consumer: &str) {
         self.connect();
-        let _: Option<i32> = crate::spi::value(
+        let _: Option<i32> = self.value(
             "SELECT r FROM dblink($1, format('select pgq.register_consumer(%L, %L)', $2::text, $3::text)) AS t(r int)",
             &[CONN.into(), queue.into(), consumer.into()],
         );
@@ -104,7 +116,7 @@ impl Source {
 
     pub fn unregister(&mut self, queue: &str, consumer: &str) {
         self.connect();
-        let _: Option<i32> = crate::spi::value(
+        let _: Option<i32> = self.value(
             "SELECT r FROM dblink($1, format('select pgq.unregister_consumer(%L, %L)', $2::text, $3::text)) AS t(r int)",
             &[CONN.into(), queue.into(), consumer.into()],
         );
@@ -115,9 +127,10 @@ impl Source {
     /// and the SQL that selects its events. None when there is no batch.
     pub fn next_batch(&mut self, queue: &str, consumer: &str, dateformat: Option<&str>) -> Option<BatchInfo> {
         self.connect();
-        Spi::connect(|c| {
-            let rows = c.select(
-                "SELECT id, prev_tick_id, tick_id, batch_end::text, suffix, lag::text, events_sql
+        crate::roles::as_role(self.role, || {
+            Spi::connect(|c| {
+                let rows = c.select(
+                    "SELECT id, prev_tick_id, tick_id, batch_end::text, suffix, lag::text, events_sql
                    FROM dblink($1, format(
                         'select b.id, i.prev_tick_id, i.tick_id, i.batch_end, to_char(i.batch_end, %L), i.lag,
                                 case when b.id is not null then pgq.batch_event_sql(b.id) end
@@ -126,20 +139,21 @@ impl Source {
                         coalesce($4, ''), $2::text, $3::text))
                      AS t(id bigint, prev_tick_id bigint, tick_id bigint, batch_end timestamptz, suffix text,
                           lag interval, events_sql text)",
-                Some(1),
-                &[CONN.into(), queue.into(), consumer.into(), dateformat.into()],
-            )?;
-            let row = rows.first();
-            let Some(batch_id) = row.get::<i64>(1)? else { return Ok(None) };
-            Ok::<_, pgrx::spi::Error>(Some(BatchInfo {
-                batch_id,
-                prev_tick_id: row.get(2)?.unwrap_or_default(),
-                tick_id: row.get(3)?.unwrap_or_default(),
-                batch_end: row.get(4)?.unwrap_or_default(),
-                suffix: if dateformat.is_some() { row.get::<String>(5)? } else { None },
-                lag: row.get(6)?,
-                events_sql: row.get(7)?.unwrap_or_default(),
-            }))
+                    Some(1),
+                    &[CONN.into(), queue.into(), consumer.into(), dateformat.into()],
+                )?;
+                let row = rows.first();
+                let Some(batch_id) = row.get::<i64>(1)? else { return Ok(None) };
+                Ok::<_, pgrx::spi::Error>(Some(BatchInfo {
+                    batch_id,
+                    prev_tick_id: row.get(2)?.unwrap_or_default(),
+                    tick_id: row.get(3)?.unwrap_or_default(),
+                    batch_end: row.get(4)?.unwrap_or_default(),
+                    suffix: if dateformat.is_some() { row.get::<String>(5)? } else { None },
+                    lag: row.get(6)?,
+                    events_sql: row.get(7)?.unwrap_or_default(),
+                }))
+            })
         })
         .unwrap_or_else(|e| crate::spi::fail(e))
     }
@@ -150,7 +164,7 @@ impl Source {
     pub fn open_events(&mut self, batch: &BatchInfo, chunk: usize) {
         self.connect();
         self.close_events();
-        crate::spi::run(
+        self.run(
             "SELECT dblink_open($1, $2, format('select ev_id, ev_time, ev_type, ev_data, ev_extra1 from (%s) e order by 1', $3::text))",
             &[CONN.into(), CURSOR.into(), batch.events_sql.as_str().into()],
         );
@@ -160,7 +174,7 @@ impl Source {
     }
 
     fn send_fetch(&mut self) {
-        let _: Option<i32> = crate::spi::value(
+        let _: Option<i32> = self.value(
             "SELECT dblink_send_query($1, format('FETCH %s FROM %I', $2::int, $3::text))",
             &[CONN.into(), (self.chunk as i32).into(), CURSOR.into()],
         );
@@ -181,28 +195,30 @@ impl Source {
         if !self.fetch_in_flight {
             return Vec::new();
         }
-        let events = Spi::connect(|c| {
-            let rows = c.select(
-                "SELECT ev_id, ev_time::text, ev_type, ev_data, ev_extra1 FROM dblink_get_result($1)
+        let events = crate::roles::as_role(self.role, || {
+            Spi::connect(|c| {
+                let rows = c.select(
+                    "SELECT ev_id, ev_time::text, ev_type, ev_data, ev_extra1 FROM dblink_get_result($1)
                    AS t(ev_id bigint, ev_time timestamptz, ev_type text, ev_data text, ev_extra1 text)",
-                None,
-                &[CONN.into()],
-            )?;
-            let mut out = Vec::with_capacity(rows.len());
-            for row in rows {
-                out.push(RawEvent {
-                    ev_id: row.get(1)?.unwrap_or_default(),
-                    ev_time: row.get(2)?,
-                    ev_type: row.get(3)?,
-                    ev_data: row.get(4)?,
-                    ev_extra1: row.get(5)?,
-                });
-            }
-            Ok::<_, pgrx::spi::Error>(out)
+                    None,
+                    &[CONN.into()],
+                )?;
+                let mut out = Vec::with_capacity(rows.len());
+                for row in rows {
+                    out.push(RawEvent {
+                        ev_id: row.get(1)?.unwrap_or_default(),
+                        ev_time: row.get(2)?,
+                        ev_type: row.get(3)?,
+                        ev_data: row.get(4)?,
+                        ev_extra1: row.get(5)?,
+                    });
+                }
+                Ok::<_, pgrx::spi::Error>(out)
+            })
         })
         .unwrap_or_else(|e| crate::spi::fail(e));
         // dblink needs one more dblink_get_result after each result to free the connection
-        crate::spi::run("SELECT * FROM dblink_get_result($1) AS t(ev_id bigint)", &[CONN.into()]);
+        self.run("SELECT * FROM dblink_get_result($1) AS t(ev_id bigint)", &[CONN.into()]);
         self.fetch_in_flight = false;
         events
     }
@@ -211,14 +227,14 @@ impl Source {
     pub fn close_events(&mut self) {
         let _ = self.receive();
         if self.cursor_open {
-            crate::spi::run("SELECT dblink_close($1, $2)", &[CONN.into(), CURSOR.into()]);
+            self.run("SELECT dblink_close($1, $2)", &[CONN.into(), CURSOR.into()]);
             self.cursor_open = false;
         }
     }
 
     pub fn finish_batch(&mut self, batch_id: i64) {
         self.connect();
-        let _: Option<i32> = crate::spi::value(
+        let _: Option<i32> = self.value(
             "SELECT r FROM dblink($1, format('select pgq.finish_batch(%s)', $2::bigint)) AS t(r int)",
             &[CONN.into(), batch_id.into()],
         );
@@ -227,7 +243,7 @@ impl Source {
     /// pgq.get_consumer_info's lag, for status; None when the consumer is not registered.
     pub fn consumer_lag(&mut self, queue: &str, consumer: &str) -> Option<String> {
         self.connect();
-        crate::spi::value(
+        self.value(
             "SELECT lag::text FROM dblink($1, format('select lag from pgq.get_consumer_info(%L, %L)', $2::text, $3::text))
                AS t(lag interval)",
             &[CONN.into(), queue.into(), consumer.into()],

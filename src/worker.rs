@@ -62,15 +62,15 @@ enum Step {
     Done { batch_id: i64, events: i64, created: Vec<String>, took: Duration },
 }
 
-/// Launches the job's worker as the calling role, in the calling database; returns its pid.
-pub fn launch(job: &str, run_as: pg_sys::Oid) -> i32 {
+/// Launches the job's worker in the calling database; returns its pid.
+pub fn launch(job: &str) -> i32 {
     let db = unsafe { pg_sys::MyDatabaseId };
     let worker = BackgroundWorkerBuilder::new(&format!("cube_dispatcher {job}"))
         .set_type(&format!("cube_dispatcher {job}"))
         .set_library("cube_dispatcher")
         .set_function("cube_dispatcher_worker_main")
         .set_argument(Some(pg_sys::Datum::from(db.to_u32())))
-        .set_extra(&format!("{} {job}", run_as.to_u32()))
+        .set_extra(job)
         .enable_spi_access()
         .set_restart_time(Some(RESTART_DELAY))
         .set_notify_pid(unsafe { pg_sys::MyProcPid })
@@ -108,6 +108,8 @@ fn in_transaction<R>(f: impl FnOnce() -> Result<R, StepError>) -> Result<R, Step
 
 struct Worker {
     job: String,
+    /// The role that started the job: source reads and target writes run as it.
+    run_as: pg_sys::Oid,
     config: JobConfig,
     config_version: i64,
     source: Source,
@@ -143,6 +145,7 @@ impl Worker {
         let started = Instant::now();
         let cfg = self.config.clone();
         let pace = self.pace;
+        let run_as = self.run_as;
         let source = &mut self.source;
         let eps = self.recent_eps;
         let current = std::cell::Cell::new(None);
@@ -165,7 +168,7 @@ impl Worker {
                 }
                 _ => {}
             }
-            let mut writer = BatchWriter::new(&cfg, info.suffix.clone());
+            let mut writer = BatchWriter::new(&cfg, run_as, info.suffix.clone());
             let mut events = 0i64;
             let mut dead = 0i64;
             source.open_events(&info, CHUNK_EVENTS);
@@ -353,17 +356,16 @@ unsafe extern "C-unwind" fn request_die(_signal: std::ffi::c_int) {
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn cube_dispatcher_worker_main(arg: pg_sys::Datum) {
-    let extra = BackgroundWorker::get_extra().to_string();
-    let (role, job) = extra.split_once(' ').expect("worker extra is '<role oid> <job>'");
-    let role = pg_sys::Oid::from(role.parse::<u32>().expect("role oid"));
+    let job = BackgroundWorker::get_extra().to_string();
     let db = pg_sys::Oid::from(arg.value() as u32);
-    let job = job.to_string();
 
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGINT);
     // SIGTERM (kill(), server shutdown): PostgreSQL's own die(), so the transaction in progress
     // is aborted at the next interrupt check and nothing half-done is committed.
     unsafe { pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(request_die)) };
-    BackgroundWorker::connect_worker_to_spi_by_oid(Some(db), Some(role));
+    // Bookkeeping in the extension's private tables runs as the bootstrap superuser; everything
+    // an event can influence runs as the job's role (see roles.rs).
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(db), Some(pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID)));
 
     let pid = unsafe { pg_sys::MyProcPid };
     // The source batch is finished right after our commit: that commit must be durable whatever
@@ -389,7 +391,8 @@ pub extern "C-unwind" fn cube_dispatcher_worker_main(arg: pg_sys::Datum) {
         }
     };
     let mut w = Worker {
-        source: Source::new(&row.config.src_db, Duration::from_secs_f64(row.config.connection_lifetime)),
+        run_as: row.run_as,
+        source: Source::new(row.run_as, &row.config.src_db, Duration::from_secs_f64(row.config.connection_lifetime)),
         job: job.clone(),
         config: row.config,
         config_version: row.config_version,
