@@ -265,6 +265,15 @@ impl Cluster {
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
+    /// Adds a pg_hba.conf line in front of the others (first match wins) and reloads.
+    pub fn hba_prepend(&self, line: &str) {
+        let path = self.data_dir().join("pg_hba.conf");
+        let old = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, format!("{line}\n{old}")).unwrap();
+        self.exec("postgres", "SELECT pg_reload_conf()");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
     /// Crash-like restart: no shutdown checkpoint, workers killed; then wait for connections.
     pub fn restart_immediate(&self) {
         self.pg_ctl(&["restart", "-m", "immediate", "-w", "-t", "60"]);
