@@ -9,6 +9,7 @@ CREATE TABLE cube_dispatcher.job (
     part_template       text,                   -- NULL: the default for the mode
     loop_delay          float8 NOT NULL CHECK (loop_delay > 0),
     connection_lifetime float8 NOT NULL CHECK (connection_lifetime > 0),
+    lock_timeout        float8 NOT NULL DEFAULT 60 CHECK (lock_timeout > 0),
     log_level           text NOT NULL CHECK (log_level IN ('quiet', 'normal', 'verbose')),
     on_error            text NOT NULL DEFAULT 'retry' CHECK (on_error IN ('retry', 'dead_letter')),
     tables              text,                   -- allow-list of parent tables; NULL: any

@@ -1,5 +1,5 @@
 //! The SQL-facing control functions. The original tool's switches map to them: -d start,
-//! -s stop (SIGINT: after the current batch), -k kill (SIGTERM: at once), -r reload (SIGHUP).
+//! -s stop (SIGUSR2: after the current batch), -k kill (SIGTERM: at once), -r reload (SIGHUP).
 
 use crate::apply::{in_subtransaction, BatchWriter};
 use crate::config::{self, mask_password, JobConfig, OPTIONS};
@@ -128,7 +128,7 @@ fn halt(job: &str, sig: i32) -> bool {
 /// job was not running.
 #[pg_extern(security_definer)]
 fn stop(job: &str) -> bool {
-    halt(job, libc::SIGINT)
+    halt(job, libc::SIGUSR2)
 }
 
 /// Stops at once: the batch in progress is rolled back and done again on the next start.
@@ -141,7 +141,7 @@ fn kill(job: &str) -> bool {
 #[pg_extern(security_definer, name = "drop")]
 fn drop_job(job: &str) -> bool {
     let row = existing_job(job);
-    halt(job, libc::SIGINT);
+    halt(job, libc::SIGUSR2);
     let mut source = Source::new(row.run_as, &row.config.src_db, Duration::from_secs(60));
     source.unregister(&row.config.pgq_queue_name, &row.config.pgq_consumer_id);
     source.disconnect();

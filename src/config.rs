@@ -19,6 +19,7 @@ pub const OPTIONS: &[&str] = &[
     "log_level",
     "on_error",
     "tables",
+    "lock_timeout",
 ];
 
 /// What a batch that fails because of its events does.
@@ -84,6 +85,8 @@ pub struct JobConfig {
     pub part_template: Option<String>,
     pub loop_delay: f64,
     pub connection_lifetime: f64,
+    /// Seconds a write waits for a lock on a target table before the batch fails and is retried.
+    pub lock_timeout: f64,
     pub log_level: LogLevel,
     pub on_error: OnError,
     /// The parent tables events may write into (`tables` option); None: any table the job's
@@ -195,6 +198,7 @@ impl JobConfig {
         };
         let loop_delay = seconds("loop_delay", 1.0)?;
         let connection_lifetime = seconds("connection_lifetime", 1200.0)?;
+        let lock_timeout = seconds("lock_timeout", 60.0)?;
         let log_level = match get("log_level") {
             None => LogLevel::Normal,
             Some((v, guc)) => match LogLevel::parse(v.trim()) {
@@ -233,6 +237,7 @@ impl JobConfig {
             part_template,
             loop_delay,
             connection_lifetime,
+            lock_timeout,
             log_level,
             on_error,
             tables,

@@ -19,7 +19,7 @@ pub fn load_job(job: &str) -> Option<JobRow> {
     Spi::connect(|c| {
         let rows = c.select(
             "SELECT src_db, pgq_queue_name, pgq_consumer_id, mode, dateformat, part_template,
-                    loop_delay, connection_lifetime, log_level, enabled, run_as, config_version, on_error, tables
+                    loop_delay, connection_lifetime, log_level, enabled, run_as, config_version, on_error, tables, lock_timeout
                FROM cube_dispatcher.job WHERE job_name = $1",
             Some(1),
             &[job.into()],
@@ -43,6 +43,7 @@ pub fn load_job(job: &str) -> Option<JobRow> {
                 log_level: LogLevel::parse(&r.get::<String>(9)?.unwrap_or_default()).unwrap_or(LogLevel::Normal),
                 on_error: OnError::parse(&r.get::<String>(13)?.unwrap_or_default()).unwrap_or(OnError::Retry),
                 tables: r.get::<String>(14)?.and_then(|t| TableList::parse(&t)),
+                lock_timeout: r.get(15)?.unwrap_or(60.0),
             },
             enabled: r.get(10)?.unwrap_or(false),
             run_as: r.get(11)?.unwrap_or(pg_sys::InvalidOid),
@@ -63,14 +64,14 @@ pub fn save_job(c: &JobConfig, run_as: pg_sys::Oid) {
         "WITH old AS (SELECT pgq_queue_name, pgq_consumer_id FROM cube_dispatcher.job WHERE job_name = $1),
               upsert AS (
                 INSERT INTO cube_dispatcher.job AS j (job_name, src_db, pgq_queue_name, pgq_consumer_id, mode,
-                       dateformat, part_template, loop_delay, connection_lifetime, log_level, run_as, on_error, tables, enabled)
-                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, true)
+                       dateformat, part_template, loop_delay, connection_lifetime, log_level, run_as, on_error, tables, lock_timeout, enabled)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, true)
                 ON CONFLICT (job_name) DO UPDATE SET
                        src_db = excluded.src_db, pgq_queue_name = excluded.pgq_queue_name,
                        pgq_consumer_id = excluded.pgq_consumer_id, mode = excluded.mode,
                        dateformat = excluded.dateformat, part_template = excluded.part_template,
                        loop_delay = excluded.loop_delay, connection_lifetime = excluded.connection_lifetime,
-                       log_level = excluded.log_level, run_as = excluded.run_as, on_error = excluded.on_error, tables = excluded.tables, enabled = true,
+                       log_level = excluded.log_level, run_as = excluded.run_as, on_error = excluded.on_error, tables = excluded.tables, lock_timeout = excluded.lock_timeout, enabled = true,
                        config_version = j.config_version + 1, defined_at = now()
                 RETURNING 1)
          INSERT INTO cube_dispatcher.job_state AS s (job_name) SELECT $1 FROM upsert
@@ -91,6 +92,7 @@ pub fn save_job(c: &JobConfig, run_as: pg_sys::Oid) {
             run_as.into(),
             c.on_error.as_str().into(),
             c.tables.as_ref().map(|t| t.text.clone()).into(),
+            c.lock_timeout.into(),
         ],
     )
 }

@@ -2,8 +2,9 @@
 //! target transaction that also records the batch's tick; the source batch is finished only after
 //! that commits. Any error rolls the transaction back and the same batch is tried again.
 //!
-//! Signals follow the original tool: SIGINT stops after the current batch (-s), SIGTERM stops at
-//! once and rolls back (-k), SIGHUP wakes the loop to pick up reloaded settings (-r).
+//! Signals: SIGUSR2 stops after the current batch (the original's -s, which used SIGINT: here
+//! SIGINT stays PostgreSQL's query cancel, which lock and statement timeouts rely on), SIGTERM
+//! stops at once and rolls back (-k), SIGHUP wakes the loop to pick up reloaded settings (-r).
 
 use crate::apply::{caught, in_subtransaction, ApplyError, BatchWriter, EventError};
 use crate::config::{mask_password, JobConfig, LogLevel, OnError};
@@ -13,6 +14,7 @@ use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags
 use pgrx::prelude::*;
 use pgrx::PgTryBuilder;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
@@ -135,6 +137,7 @@ impl Worker {
                 self.config = row.config;
                 self.config_version = row.config_version;
                 self.source.reconfigure(&self.config.src_db, Duration::from_secs_f64(self.config.connection_lifetime));
+                in_transaction(|| Ok(set_lock_timeout(&self.config)))?;
                 self.log(LogLevel::Normal, &format!("reloaded settings (version {})", self.config_version));
             }
         }
@@ -308,16 +311,24 @@ impl Worker {
     }
 }
 
-static STOP_REQUESTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
 
-fn stop_requested() -> bool {
-    if BackgroundWorker::sigint_received() {
-        STOP_REQUESTED.store(true, std::sync::atomic::Ordering::SeqCst);
-    }
-    STOP_REQUESTED.load(std::sync::atomic::Ordering::SeqCst)
+unsafe extern "C-unwind" fn request_stop(_signal: std::ffi::c_int) {
+    STOP_REQUESTED.store(true, Ordering::SeqCst);
+    unsafe { pg_sys::SetLatch(pg_sys::MyLatch) };
 }
 
-/// Sleeps on the latch; SIGINT/SIGHUP wake it early, SIGTERM exits through die().
+fn stop_requested() -> bool {
+    STOP_REQUESTED.load(Ordering::SeqCst)
+}
+
+/// A session setting: it outlives the transaction it is set in.
+fn set_lock_timeout(cfg: &JobConfig) {
+    let ms = format!("{}ms", (cfg.lock_timeout * 1000.0).round() as i64);
+    crate::spi::run("SELECT set_config('lock_timeout', $1, false)", &[ms.as_str().into()]);
+}
+
+/// Sleeps on the latch; stop and reload requests wake it early, SIGTERM exits through die().
 fn wait(d: Duration) {
     let deadline = Instant::now() + d;
     while !stop_requested() {
@@ -359,7 +370,8 @@ pub extern "C-unwind" fn cube_dispatcher_worker_main(arg: pg_sys::Datum) {
     let job = BackgroundWorker::get_extra().to_string();
     let db = pg_sys::Oid::from(arg.value() as u32);
 
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGINT);
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP);
+    unsafe { pg_sys::pqsignal(pg_sys::SIGUSR2 as i32, Some(request_stop)) };
     // SIGTERM (kill(), server shutdown): PostgreSQL's own die(), so the transaction in progress
     // is aborted at the next interrupt check and nothing half-done is committed.
     unsafe { pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(request_die)) };
@@ -402,6 +414,7 @@ pub extern "C-unwind" fn cube_dispatcher_worker_main(arg: pg_sys::Datum) {
         last_lag_update: None,
         recent_eps: 0.0,
     };
+    let _ = in_transaction(|| Ok(set_lock_timeout(&w.config)));
     w.log(
         LogLevel::Normal,
         &format!(
