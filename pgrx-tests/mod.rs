@@ -1,16 +1,122 @@
 //! #[pg_test]s: run inside a real backend by `cargo pgrx test`, each in a transaction that is
-//! rolled back afterwards.
+//! rolled back afterwards. They drive the writer directly with hand-made events, no worker.
 
 #[pgrx::pg_schema]
 mod tests {
+    use crate::apply::{quote_ident, BatchWriter};
+    use crate::config::{JobConfig, LogLevel, OnError};
+    use crate::route::Mode;
+    use crate::source::RawEvent;
     use pgrx::prelude::*;
+
+    fn job(mode: Mode, template: Option<&str>) -> JobConfig {
+        JobConfig {
+            job_name: "t".into(),
+            src_db: "dbname=x".into(),
+            pgq_queue_name: "q".into(),
+            pgq_consumer_id: "t".into(),
+            mode,
+            dateformat: Some("YYYY_MM_DD".into()),
+            part_template: template.map(str::to_string),
+            loop_delay: 1.0,
+            connection_lifetime: 1200.0,
+            lock_timeout: 60.0,
+            log_level: LogLevel::Normal,
+            on_error: OnError::Retry,
+            tables: None,
+        }
+    }
+
+    fn ev(id: i64, ty: &str, data: &str, table: &str) -> RawEvent {
+        RawEvent { ev_id: id, ev_time: None, ev_type: Some(ty.into()), ev_data: Some(data.into()), ev_extra1: Some(table.into()) }
+    }
+
+    fn me() -> pg_sys::Oid {
+        unsafe { pg_sys::GetUserId() }
+    }
+
+    fn rows(sql: &str) -> Vec<String> {
+        Spi::connect(|c| {
+            let mut out = Vec::new();
+            for r in c.select(sql, None, &[])? {
+                out.push(r.get::<String>(1)?.unwrap_or_default());
+            }
+            Ok::<_, pgrx::spi::Error>(out)
+        })
+        .unwrap()
+    }
 
     #[pg_test]
     fn quote_ident_is_postgres_own() {
-        use crate::apply::quote_ident;
         assert_eq!(quote_ident("orders"), "orders");
         assert_eq!(quote_ident("Orders"), "\"Orders\"");
         assert_eq!(quote_ident("order"), "\"order\"", "keywords are quoted");
         assert_eq!(quote_ident("x\"; drop table t; --"), "\"x\"\"; drop table t; --\"");
+    }
+
+    #[pg_test]
+    fn keep_latest_writes_the_last_version_into_a_new_partition() {
+        Spi::run("CREATE TABLE orders (id int PRIMARY KEY, txt text, n numeric)").unwrap();
+        let cfg = job(Mode::KeepLatest, None);
+        let mut w = BatchWriter::new(&cfg, me(), Some("2026_11_24".into()));
+        let events = vec![
+            ev(1, "I:id", "id=1&txt=a&n=1.5", "public.orders"),
+            ev(2, "I:id", "id=2&txt&n=2", "public.orders"),
+            ev(3, "U:id", "id=1&txt=b+c&n=1.5", "public.orders"),
+            ev(4, "D:id", "id=2&txt&n=2", "public.orders"),
+            ev(5, "I:id", "id=3&txt=&n", "public.orders"),
+        ];
+        w.apply(&events).unwrap();
+        assert_eq!(w.created, vec!["public.orders_2026_11_24".to_string()]);
+        assert_eq!(
+            rows("SELECT id || ':' || coalesce(txt, 'NULL') || ':' || coalesce(n::text, 'NULL') FROM orders_2026_11_24 ORDER BY id"),
+            vec!["1:b c:1.5", "3::NULL"]
+        );
+        // a later chunk of the same batch replaces and deletes across chunks
+        w.apply(&[ev(6, "U:id", "id=3&txt=z&n=9", "public.orders"), ev(7, "D:id", "id=1", "public.orders")]).unwrap();
+        assert_eq!(rows("SELECT id || ':' || txt FROM orders_2026_11_24 ORDER BY id"), vec!["3:z"]);
+    }
+
+    #[pg_test]
+    fn row_security_makes_the_writer_use_insert_which_enforces_it() {
+        Spi::run(
+            "CREATE ROLE cd_rls_tester; CREATE TABLE notes (id int, owner text);
+             ALTER TABLE notes ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY mine ON notes FOR INSERT TO cd_rls_tester WITH CHECK (owner = 'me');
+             GRANT INSERT, SELECT ON notes TO cd_rls_tester; GRANT CREATE ON SCHEMA public TO cd_rls_tester",
+        )
+        .unwrap();
+        let role = Spi::get_one::<pg_sys::Oid>("SELECT 'cd_rls_tester'::regrole::oid").unwrap().unwrap();
+        let mut cfg = job(Mode::KeepAll, Some("create table _DEST_TABLE (like _PARENT); alter table _DEST_TABLE enable row level security; create policy mine on _DEST_TABLE for insert with check (owner = 'me'); create policy see on _DEST_TABLE for select using (true)"));
+        cfg.dateformat = None;
+        let mut w = BatchWriter::new(&cfg, role, None);
+        w.apply(&[ev(1, "I:", "id=1&owner=me", "public.notes")]).unwrap();
+        let err = w.apply(&[ev(2, "I:", "id=2&owner=you", "public.notes")]).unwrap_err().to_string();
+        assert!(err.contains("row-level security"), "{err}");
+    }
+
+    #[pg_test]
+    fn templates_see_quoted_names() {
+        Spi::run(r#"CREATE SCHEMA "Sales"; CREATE TABLE "Sales"."Order Lines" ("Id" int, line int, PRIMARY KEY ("Id", line))"#).unwrap();
+        let cfg = job(
+            Mode::KeepLatest,
+            Some("create table _DEST_TABLE (like _PARENT); alter table only _DEST_TABLE add primary key (_PKEY); create index on _DEST_TABLE (line)"),
+        );
+        let mut w = BatchWriter::new(&cfg, me(), Some("2026_11".into()));
+        w.apply(&[ev(1, "I:Id,line", "Id=1&line=2", "Sales.Order Lines")]).unwrap();
+        assert_eq!(w.created, vec![r#""Sales"."Order Lines_2026_11""#.to_string()]);
+        assert_eq!(
+            rows(r#"SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = '"Sales"."Order Lines_2026_11"'::regclass"#),
+            vec![r#"PRIMARY KEY ("Id", line)"#]
+        );
+    }
+
+    #[pg_test]
+    fn mask_password_and_the_status_view() {
+        assert_eq!(
+            Spi::get_one::<String>("SELECT cube_dispatcher.mask_password('host=h password=s3cret dbname=d')").unwrap().as_deref(),
+            Some("host=h password=******** dbname=d")
+        );
+        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM cube_dispatcher.status").unwrap(), Some(0));
     }
 }
