@@ -28,7 +28,13 @@ mod tests {
     }
 
     fn ev(id: i64, ty: &str, data: &str, table: &str) -> RawEvent {
-        RawEvent { ev_id: id, ev_time: None, ev_type: Some(ty.into()), ev_data: Some(data.into()), ev_extra1: Some(table.into()) }
+        RawEvent {
+            ev_id: id,
+            ev_time: None,
+            ev_type: Some(ty.into()),
+            ev_data: Some(data.into()),
+            ev_extra1: Some(table.into()),
+        }
     }
 
     fn me() -> pg_sys::Oid {
@@ -106,7 +112,9 @@ mod tests {
         w.apply(&[ev(1, "I:Id,line", "Id=1&line=2", "Sales.Order Lines")]).unwrap();
         assert_eq!(w.created, vec![r#""Sales"."Order Lines_2026_11""#.to_string()]);
         assert_eq!(
-            rows(r#"SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = '"Sales"."Order Lines_2026_11"'::regclass"#),
+            rows(
+                r#"SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = '"Sales"."Order Lines_2026_11"'::regclass"#
+            ),
             vec![r#"PRIMARY KEY ("Id", line)"#]
         );
     }
@@ -114,7 +122,9 @@ mod tests {
     #[pg_test]
     fn mask_password_and_the_status_view() {
         assert_eq!(
-            Spi::get_one::<String>("SELECT cube_dispatcher.mask_password('host=h password=s3cret dbname=d')").unwrap().as_deref(),
+            Spi::get_one::<String>("SELECT cube_dispatcher.mask_password('host=h password=s3cret dbname=d')")
+                .unwrap()
+                .as_deref(),
             Some("host=h password=******** dbname=d")
         );
         assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM cube_dispatcher.status").unwrap(), Some(0));

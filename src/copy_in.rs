@@ -10,8 +10,13 @@ use std::ffi::{c_int, c_void, CString};
 /// COPY text format of one value, decoded straight from its url encoding: NULL is \N;
 /// backslash, newline, CR and tab are escaped.
 pub fn push_value(buf: &mut Vec<u8>, v: Option<Encoded>) {
+    let special = |b: &u8| matches!(b, b'\\' | b'\n' | b'\r' | b'\t');
     match v {
         None => buf.extend_from_slice(b"\\N"),
+        // the common case, copied in one go
+        Some(e) if e.plain().is_some_and(|p| !p.as_bytes().iter().any(special)) => {
+            buf.extend_from_slice(e.plain().unwrap_or_default().as_bytes())
+        }
         Some(e) => e.decode_each(|b| match b {
             b'\\' => buf.extend_from_slice(b"\\\\"),
             b'\n' => buf.extend_from_slice(b"\\n"),

@@ -47,14 +47,15 @@ pub type Row<'a> = Vec<(Cow<'a, str>, Option<Encoded<'a>>)>;
 pub struct Encoded<'a>(&'a str);
 
 impl<'a> Encoded<'a> {
-    fn plain(&self) -> bool {
-        !self.0.bytes().any(|b| b == b'%' || b == b'+')
+    /// No escapes: the text is its own decoding.
+    pub fn plain(&self) -> Option<&'a str> {
+        (!self.0.bytes().any(|b| b == b'%' || b == b'+')).then_some(self.0)
     }
 
     /// The decoded text; borrowed when the value had no escapes.
     pub fn decoded(&self) -> Cow<'a, str> {
-        if self.plain() {
-            return Cow::Borrowed(self.0);
+        if let Some(p) = self.plain() {
+            return Cow::Borrowed(p);
         }
         let mut out = Vec::with_capacity(self.0.len());
         self.decode_each(|b| out.push(b));
@@ -64,8 +65,8 @@ impl<'a> Encoded<'a> {
 
     /// Feeds the decoded bytes to `f`: '+' is a space, the rest goes through percent_decode.
     pub fn decode_each(&self, mut f: impl FnMut(u8)) {
-        if self.plain() {
-            self.0.bytes().for_each(f);
+        if let Some(p) = self.plain() {
+            p.bytes().for_each(f);
             return;
         }
         for (n, segment) in self.0.as_bytes().split(|&b| b == b'+').enumerate() {

@@ -161,12 +161,17 @@ impl Source {
     /// Declares a remote cursor over the batch's events in ev_id order and asks for the first
     /// chunk. Events are then read with next_chunk(), so memory stays bounded however large the
     /// batch is.
-    pub fn open_events(&mut self, batch: &BatchInfo, chunk: usize) {
+    ///
+    /// `ordered`: in ev_id order, which keep_latest needs. Unordered (keep_all, where order does
+    /// not change the result) the source streams rows at once instead of sorting the whole batch
+    /// before the first row; the suffix removed is the one pgq.get_batch_cursor removes too.
+    pub fn open_events(&mut self, batch: &BatchInfo, chunk: usize, ordered: bool) {
         self.connect();
         self.close_events();
+        let sql = if ordered { batch.events_sql.as_str() } else { batch.events_sql.trim_end_matches(" order by 1") };
         self.run(
-            "SELECT dblink_open($1, $2, format('select ev_id, ev_time, ev_type, ev_data, ev_extra1 from (%s) e order by 1', $3::text))",
-            &[CONN.into(), CURSOR.into(), batch.events_sql.as_str().into()],
+            "SELECT dblink_open($1, $2, format('select ev_id, ev_time, ev_type, ev_data, ev_extra1 from (%s) e', $3::text))",
+            &[CONN.into(), CURSOR.into(), sql.into()],
         );
         self.cursor_open = true;
         self.chunk = chunk;

@@ -8,6 +8,7 @@
 
 use crate::apply::{caught, in_subtransaction, ApplyError, BatchWriter, EventError};
 use crate::config::{mask_password, JobConfig, LogLevel, OnError};
+use crate::route::Mode;
 use crate::source::Source;
 use crate::state;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
@@ -174,7 +175,7 @@ impl Worker {
             let mut writer = BatchWriter::new(&cfg, run_as, info.suffix.clone());
             let mut events = 0i64;
             let mut dead = 0i64;
-            source.open_events(&info, CHUNK_EVENTS);
+            source.open_events(&info, CHUNK_EVENTS, cfg.mode == Mode::KeepLatest);
             loop {
                 let chunk = source.next_chunk();
                 if chunk.is_empty() {
