@@ -174,13 +174,19 @@ impl JobConfig {
             Some((v, _)) if !v.is_empty() => v,
             _ => job.to_string(),
         };
-        let mode = match get("mode") {
-            None => Mode::KeepLatest,
-            Some((v, guc)) => match Mode::parse(v.trim()) {
-                Some(m) => m,
-                None => return Err(invalid(guc, &v, "expected keep_latest or keep_all")),
-            },
-        };
+        // an option with a fixed set of words: the default when unset, else one of the words
+        fn choice<T>(
+            got: Option<(String, String)>,
+            default: T,
+            parse: fn(&str) -> Option<T>,
+            why: &'static str,
+        ) -> Result<T, ConfigError> {
+            match got {
+                None => Ok(default),
+                Some((v, guc)) => parse(v.trim()).ok_or(ConfigError::Invalid { guc, value: v, why }),
+            }
+        }
+        let mode = choice(get("mode"), Mode::KeepLatest, Mode::parse, "expected keep_latest or keep_all")?;
         let dateformat = match get("dateformat") {
             None => Some("YYYY_MM_DD".to_string()),
             Some((v, _)) if v.is_empty() => None,
@@ -199,13 +205,8 @@ impl JobConfig {
         let loop_delay = seconds("loop_delay", 1.0)?;
         let connection_lifetime = seconds("connection_lifetime", 1200.0)?;
         let lock_timeout = seconds("lock_timeout", 60.0)?;
-        let log_level = match get("log_level") {
-            None => LogLevel::Normal,
-            Some((v, guc)) => match LogLevel::parse(v.trim()) {
-                Some(l) => l,
-                None => return Err(invalid(guc, &v, "expected quiet, normal or verbose")),
-            },
-        };
+        let log_level =
+            choice(get("log_level"), LogLevel::Normal, LogLevel::parse, "expected quiet, normal or verbose")?;
         let tables = match get("tables") {
             None => None,
             Some((v, _)) if v.trim().is_empty() => None,
@@ -214,13 +215,7 @@ impl JobConfig {
                 None => return Err(invalid(guc, &v, "expected a comma-separated list of schema.table or schema.*")),
             },
         };
-        let on_error = match get("on_error") {
-            None => OnError::Retry,
-            Some((v, guc)) => match OnError::parse(v.trim()) {
-                Some(o) => o,
-                None => return Err(invalid(guc, &v, "expected retry or dead_letter")),
-            },
-        };
+        let on_error = choice(get("on_error"), OnError::Retry, OnError::parse, "expected retry or dead_letter")?;
         if let Some((v, guc)) = get("dst_db") {
             let named = dst_db_name(&v);
             if !v.trim().is_empty() && named.as_deref() != Some(current_db) {

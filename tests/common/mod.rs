@@ -54,6 +54,14 @@ impl Cluster {
     }
 
     pub fn start_with(extra_conf: &[&str]) -> Cluster {
+        let c = Self::start_bare(extra_conf);
+        c.exec("source", "CREATE EXTENSION pgq;");
+        c.exec("target", "CREATE EXTENSION cube_dispatcher CASCADE;");
+        c
+    }
+
+    /// Empty `source` and `target` databases, no extensions.
+    pub fn start_bare(extra_conf: &[&str]) -> Cluster {
         let base = if is_root() { 40000 } else { 45000 };
         let port = base + (std::process::id() as u16 % 500) * 8 + NEXT_PORT.fetch_add(1, Ordering::SeqCst) % 8;
         let dir = std::env::temp_dir().join(format!("cube-dispatcher-e2e-{}-{port}", std::process::id()));
@@ -101,8 +109,6 @@ impl Cluster {
         c.pg_ctl(&["start", "-w", "-t", "60"]);
         c.exec("postgres", "CREATE DATABASE source");
         c.exec("postgres", "CREATE DATABASE target");
-        c.exec("source", "CREATE EXTENSION pgq;");
-        c.exec("target", "CREATE EXTENSION cube_dispatcher CASCADE;");
         c
     }
 
