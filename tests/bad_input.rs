@@ -164,10 +164,12 @@ fn every_bad_input_gets_one_clear_error_and_writes_nothing() {
 #[test]
 fn dead_letters_let_the_good_events_through_and_replay_later() {
     let c = Cluster::start();
-    c.create_queue("q");
-    c.source_sql("CREATE TABLE orders (id int PRIMARY KEY, txt text, extra text)");
-    c.add_logutriga("orders", "q");
-    c.target_sql("CREATE TABLE orders (id int PRIMARY KEY, txt text, extra text)");
+    c.feed(
+        "q",
+        "orders",
+        "CREATE TABLE orders (id int PRIMARY KEY, txt text, extra text)",
+        "CREATE TABLE orders (id int PRIMARY KEY, txt text, extra text)",
+    );
     c.start_job("dl", "q", &[("on_error", "dead_letter")]);
     // two hand-made bad events, and a real logutriga row with a column the target lacks
     c.source_sql("INSERT INTO orders VALUES (2, 'b', 'x')");

@@ -13,10 +13,7 @@ fn row(v: &[Option<&str>]) -> Vec<Option<String>> {
 #[test]
 fn keep_latest_default_dateformat() {
     let c = Cluster::start();
-    c.create_queue("q");
-    c.source_sql(ORDERS);
-    c.add_logutriga("orders", "q");
-    c.target_sql(ORDERS);
+    c.feed("q", "orders", ORDERS, ORDERS);
     c.start_job("j", "q", &[]);
 
     c.source_sql("INSERT INTO orders VALUES (1, 'one', 1.5), (2, '', NULL), (3, 'three', 3)");
@@ -49,10 +46,7 @@ fn keep_latest_default_dateformat() {
 #[test]
 fn keep_all_month_partitions_keep_every_version() {
     let c = Cluster::start();
-    c.create_queue("q");
-    c.source_sql(ORDERS);
-    c.add_logutriga("orders", "q");
-    c.target_sql(ORDERS);
+    c.feed("q", "orders", ORDERS, ORDERS);
     c.start_job("ka", "q", &[("mode", "keep_all"), ("dateformat", "YYYY_MM")]);
 
     c.source_sql("INSERT INTO orders VALUES (1, 'a', 1); UPDATE orders SET txt = 'b' WHERE id = 1; UPDATE orders SET txt = 'c' WHERE id = 1;");
@@ -83,10 +77,7 @@ fn keep_all_month_partitions_keep_every_version() {
 #[test]
 fn empty_dateformat_writes_into_the_table_itself() {
     let c = Cluster::start();
-    c.create_queue("q");
-    c.source_sql(ORDERS);
-    c.add_logutriga("orders", "q");
-    c.target_sql(ORDERS);
+    c.feed("q", "orders", ORDERS, ORDERS);
     c.start_job("np", "q", &[("dateformat", "")]);
     c.source_sql("INSERT INTO orders VALUES (1, 'a', 1), (2, 'b', 2); DELETE FROM orders WHERE id = 2;");
     c.tick("q");
@@ -101,10 +92,7 @@ fn empty_dateformat_writes_into_the_table_itself() {
 #[test]
 fn per_second_dateformat_splits_batches_into_partitions() {
     let c = Cluster::start();
-    c.create_queue("q");
-    c.source_sql(ORDERS);
-    c.add_logutriga("orders", "q");
-    c.target_sql(ORDERS);
+    c.feed("q", "orders", ORDERS, ORDERS);
     c.start_job("ps", "q", &[("dateformat", "YYYY_MM_DD_HH24_MI_SS"), ("mode", "keep_all")]);
     for i in 0..3 {
         c.source_sql(&format!("INSERT INTO orders VALUES ({i}, 'r{i}', {i})"));
@@ -164,10 +152,7 @@ newline' WHERE "OrderId" = 2 AND line = 1;
 #[test]
 fn template_words_are_substituted() {
     let c = Cluster::start();
-    c.create_queue("q");
-    c.source_sql(ORDERS);
-    c.add_logutriga("orders", "q");
-    c.target_sql(ORDERS);
+    c.feed("q", "orders", ORDERS, ORDERS);
     let template = "create table _DEST_TABLE (like _PARENT including defaults);
         alter table only _DEST_TABLE add constraint _SCHEMA_TABLE_pk primary key (_PKEY);
         create index _SCHEMA_TABLE_txt on _DEST_TABLE (txt);
@@ -197,10 +182,7 @@ fn template_words_are_substituted() {
 #[test]
 fn empty_template_makes_a_missing_partition_an_error_until_it_exists() {
     let c = Cluster::start();
-    c.create_queue("q");
-    c.source_sql(ORDERS);
-    c.add_logutriga("orders", "q");
-    c.target_sql(ORDERS);
+    c.feed("q", "orders", ORDERS, ORDERS);
     c.start_job("nt", "q", &[("part_template", "")]);
     c.source_sql("INSERT INTO orders VALUES (1, 'a', 1), (2, 'b', 2)");
     c.tick("q");
@@ -218,10 +200,7 @@ fn empty_template_makes_a_missing_partition_an_error_until_it_exists() {
 #[test]
 fn a_bad_event_stalls_the_batch_until_fixed_then_nothing_is_lost() {
     let c = Cluster::start();
-    c.create_queue("q");
-    c.source_sql("CREATE TABLE orders (id int PRIMARY KEY, txt text)");
-    c.add_logutriga("orders", "q");
-    c.target_sql(ORDERS);
+    c.feed("q", "orders", "CREATE TABLE orders (id int PRIMARY KEY, txt text)", ORDERS);
     c.start_job("bad", "q", &[]);
     let part = format!("orders_{}", c.suffix("YYYY_MM_DD"));
     c.source_sql("INSERT INTO orders VALUES (1, 'a')");
@@ -256,10 +235,7 @@ fn a_bad_event_stalls_the_batch_until_fixed_then_nothing_is_lost() {
 #[test]
 fn a_batch_already_recorded_here_is_only_finished() {
     let c = Cluster::start();
-    c.create_queue("q");
-    c.source_sql(ORDERS);
-    c.add_logutriga("orders", "q");
-    c.target_sql(ORDERS);
+    c.feed("q", "orders", ORDERS, ORDERS);
     c.start_job("once", "q", &[]);
     c.source_sql("INSERT INTO orders VALUES (1, 'a', 1)");
     c.tick("q");

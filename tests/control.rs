@@ -75,10 +75,12 @@ fn settings_from_set_alter_database_and_global_defaults() {
 fn start_status_reload_and_two_jobs_side_by_side() {
     let c = Cluster::start();
     setup(&c, "q");
-    c.create_queue("q2");
-    c.source_sql("CREATE TABLE items (id int PRIMARY KEY, name text)");
-    c.add_logutriga("items", "q2");
-    c.target_sql("CREATE TABLE items (id int PRIMARY KEY, name text)");
+    c.feed(
+        "q2",
+        "items",
+        "CREATE TABLE items (id int PRIMARY KEY, name text)",
+        "CREATE TABLE items (id int PRIMARY KEY, name text)",
+    );
     let pid = c.start_job("one", "q", &[("log_level", "verbose")]);
     c.start_job("two", "q2", &[("mode", "keep_all")]);
     assert!(pid_alive(&c, &pid.to_string()));

@@ -67,10 +67,7 @@ impl Oracle {
 }
 
 fn setup(c: &Cluster, target_ddl: &str) {
-    c.create_queue("q");
-    c.source_sql(ORDERS);
-    c.add_logutriga("orders", "q");
-    c.target_sql(target_ddl);
+    c.feed("q", "orders", ORDERS, target_ddl);
 }
 
 fn assert_latest(c: &Cluster, table: &str, o: &Oracle) {

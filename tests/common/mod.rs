@@ -210,6 +210,15 @@ impl Cluster {
         );
     }
 
+    /// The usual scene: a queue, a source table whose logutriga trigger feeds it, and the parent
+    /// table in the target.
+    pub fn feed(&self, queue: &str, table: &str, source_ddl: &str, target_ddl: &str) {
+        self.create_queue(queue);
+        self.source_sql(source_ddl);
+        self.add_logutriga(table, queue);
+        self.target_sql(target_ddl);
+    }
+
     /// Closes the current batch: PgQ's ticker alone waits for 500 events or ticker_max_lag.
     pub fn tick(&self, queue: &str) {
         self.exec("source", &format!("SELECT pgq.force_tick('{queue}'); SELECT pgq.ticker();"));
