@@ -31,6 +31,8 @@ cluster_start() {
 cluster_stop() {
     set +e   # a teardown step that fails must not skip the others
     [ -n "${CL_DIR:-}" ] || return 0
+    # SERVER_LOG=<file> keeps the server log of the run
+    [ -n "${SERVER_LOG:-}" ] && cp "$CL_DIR/server.log" "$SERVER_LOG"
     [ -f "$CL_DIR/pgqd.pid" ] && kill "$(cat "$CL_DIR/pgqd.pid")" 2>/dev/null
     pkill -f "pgqd.*$CL_DIR/" 2>/dev/null
     [ -n "${PGQD_PID:-}" ] && wait "$PGQD_PID" 2>/dev/null
