@@ -8,6 +8,7 @@ use crate::source::{RawEvent, Source};
 use crate::state;
 use crate::worker;
 use pgrx::prelude::*;
+use std::borrow::Cow;
 use std::time::Duration;
 
 fn setting(name: &str) -> Option<String> {
@@ -161,7 +162,7 @@ pub fn mask_password_sql(conninfo: &str) -> String {
 #[pg_extern(security_definer)]
 fn replay_dead_letters(job: &str) -> i64 {
     let row = existing_job(job);
-    let letters: Vec<(i64, Option<String>, RawEvent)> = Spi::connect(|c| {
+    let letters: Vec<(i64, Option<String>, RawEvent<'static>)> = Spi::connect(|c| {
         let rows = c.select(
             "SELECT id, suffix, ev_id, ev_time::text, ev_type, ev_data, ev_extra1
                FROM cube_dispatcher.dead_letter WHERE job_name = $1 ORDER BY ev_id, id",
@@ -170,12 +171,13 @@ fn replay_dead_letters(job: &str) -> i64 {
         )?;
         let mut out = Vec::new();
         for r in rows {
+            let text = |i| r.get::<String>(i).map(|v| v.map(Cow::Owned));
             let ev = RawEvent {
                 ev_id: r.get(3)?.unwrap_or_default(),
-                ev_time: r.get(4)?,
-                ev_type: r.get(5)?,
-                ev_data: r.get(6)?,
-                ev_extra1: r.get(7)?,
+                ev_time: text(4)?,
+                ev_type: text(5)?,
+                ev_data: text(6)?,
+                ev_extra1: text(7)?,
             };
             out.push((r.get::<i64>(1)?.unwrap_or_default(), r.get::<String>(2)?, ev));
         }

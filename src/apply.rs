@@ -255,10 +255,10 @@ impl<'a> BatchWriter<'a> {
     }
 
     /// Decodes, checks and routes one event. Every failure names the event and its table.
-    fn change<'e>(&mut self, ev: &'e RawEvent) -> Result<Change<'e>, ApplyError> {
+    fn change<'e>(&mut self, ev: &'e RawEvent<'_>) -> Result<Change<'e>, ApplyError> {
         let fail = |cause: EventError| ApplyError::Event {
             ev_id: ev.ev_id,
-            table: ev.ev_extra1.clone().unwrap_or_else(|| "(null)".into()),
+            table: ev.ev_extra1.as_deref().unwrap_or("(null)").to_string(),
             cause,
         };
         let (op, pkey) = self.event_type(ev).map_err(fail)?;

@@ -4,20 +4,22 @@
 
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
+use std::borrow::Cow;
 use std::time::{Duration, Instant};
 
 /// One named dblink connection per worker process (a worker serves one job).
 const CONN: &str = "cube_dispatcher";
 const CURSOR: &str = "cube_dispatcher_events";
 
-/// An event as PgQ stores it, before decoding.
+/// An event as PgQ stores it, before decoding. Events read from the source borrow their text
+/// from the fetched result instead of copying it.
 #[derive(Debug, Clone)]
-pub struct RawEvent {
+pub struct RawEvent<'a> {
     pub ev_id: i64,
-    pub ev_time: Option<String>,
-    pub ev_type: Option<String>,
-    pub ev_data: Option<String>,
-    pub ev_extra1: Option<String>,
+    pub ev_time: Option<Cow<'a, str>>,
+    pub ev_type: Option<Cow<'a, str>>,
+    pub ev_data: Option<Cow<'a, str>>,
+    pub ev_extra1: Option<Cow<'a, str>>,
 }
 
 #[derive(Debug, Clone)]
@@ -186,51 +188,60 @@ impl Source {
         self.fetch_in_flight = true;
     }
 
-    /// Reads the chunk in flight and, unless it was the last, sends the FETCH for the next one
-    /// before returning, so the source works while the caller writes. Empty: the batch is done.
-    pub fn next_chunk(&mut self) -> Vec<RawEvent> {
-        let events = self.receive();
-        if events.len() == self.chunk {
-            self.send_fetch();
-        }
-        events
-    }
-
-    fn receive(&mut self) -> Vec<RawEvent> {
+    /// Reads the chunk in flight, sends the FETCH for the next one unless this was the last (so
+    /// the source works while `write` runs), then hands the events to `write`. None: the batch
+    /// is done.
+    pub fn next_chunk<R>(&mut self, write: impl FnOnce(&[RawEvent]) -> R) -> Option<R> {
         if !self.fetch_in_flight {
-            return Vec::new();
+            return None;
         }
-        let events = crate::roles::as_role(self.role, || {
+        let role = self.role;
+        let chunk = self.chunk;
+        crate::roles::as_role(role, || {
             Spi::connect(|c| {
                 let rows = c.select(
                     "SELECT ev_id, ev_time::text, ev_type, ev_data, ev_extra1 FROM dblink_get_result($1)
-                   AS t(ev_id bigint, ev_time timestamptz, ev_type text, ev_data text, ev_extra1 text)",
+                       AS t(ev_id bigint, ev_time timestamptz, ev_type text, ev_data text, ev_extra1 text)",
                     None,
                     &[CONN.into()],
                 )?;
-                let mut out = Vec::with_capacity(rows.len());
+                // the text stays in this SPI result while `write` runs: borrowed, not copied
+                let mut events = Vec::with_capacity(rows.len());
                 for row in rows {
-                    out.push(RawEvent {
+                    events.push(RawEvent {
                         ev_id: row.get(1)?.unwrap_or_default(),
-                        ev_time: row.get(2)?,
-                        ev_type: row.get(3)?,
-                        ev_data: row.get(4)?,
-                        ev_extra1: row.get(5)?,
+                        ev_time: row.get::<&str>(2)?.map(Cow::Borrowed),
+                        ev_type: row.get::<&str>(3)?.map(Cow::Borrowed),
+                        ev_data: row.get::<&str>(4)?.map(Cow::Borrowed),
+                        ev_extra1: row.get::<&str>(5)?.map(Cow::Borrowed),
                     });
                 }
-                Ok::<_, pgrx::spi::Error>(out)
+                // dblink needs one more dblink_get_result after each result to free the connection
+                self.run("SELECT * FROM dblink_get_result($1) AS t(ev_id bigint)", &[CONN.into()]);
+                self.fetch_in_flight = false;
+                if events.is_empty() {
+                    return Ok(None);
+                }
+                if events.len() == chunk {
+                    self.send_fetch();
+                }
+                Ok::<_, pgrx::spi::Error>(Some(write(&events)))
             })
         })
-        .unwrap_or_else(|e| crate::spi::fail(e));
-        // dblink needs one more dblink_get_result after each result to free the connection
-        self.run("SELECT * FROM dblink_get_result($1) AS t(ev_id bigint)", &[CONN.into()]);
-        self.fetch_in_flight = false;
-        events
+        .unwrap_or_else(|e| crate::spi::fail(e))
     }
 
     /// Closing the cursor also ends the remote read transaction dblink_open began.
     pub fn close_events(&mut self) {
-        let _ = self.receive();
+        if self.fetch_in_flight {
+            // a FETCH nobody will read: take its result and the closing empty one
+            self.run(
+                "SELECT * FROM dblink_get_result($1) AS t(ev_id bigint, ev_time timestamptz, ev_type text, ev_data text, ev_extra1 text)",
+                &[CONN.into()],
+            );
+            self.run("SELECT * FROM dblink_get_result($1) AS t(ev_id bigint)", &[CONN.into()]);
+            self.fetch_in_flight = false;
+        }
         if self.cursor_open {
             self.run("SELECT dblink_close($1, $2)", &[CONN.into(), CURSOR.into()]);
             self.cursor_open = false;

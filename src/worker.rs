@@ -177,40 +177,45 @@ impl Worker {
             let mut dead = 0i64;
             source.open_events(&info, CHUNK_EVENTS, cfg.mode == Mode::KeepLatest);
             loop {
-                let chunk = source.next_chunk();
-                if chunk.is_empty() {
-                    break;
-                }
-                events += chunk.len() as i64;
-                match pace {
-                    Pace::Bulk => writer.apply(&chunk)?,
-                    Pace::OneByOne => {
-                        for ev in &chunk {
-                            writer.apply(std::slice::from_ref(ev))?;
-                        }
-                    }
-                    Pace::Isolating => {
-                        for ev in &chunk {
-                            let created = writer.created.len();
-                            let Err(e) = in_subtransaction(|| writer.apply(std::slice::from_ref(ev))) else { continue };
-                            if e.is_transient() {
-                                return Err(e.into());
+                let written = source.next_chunk(|chunk| -> Result<(), StepError> {
+                    events += chunk.len() as i64;
+                    match pace {
+                        Pace::Bulk => writer.apply(chunk)?,
+                        Pace::OneByOne => {
+                            for ev in chunk {
+                                writer.apply(std::slice::from_ref(ev))?;
                             }
-                            writer.forget_partitions();
-                            writer.created.truncate(created);
-                            let text = match e {
-                                // raised inside the subtransaction: say which event
-                                ApplyError::Event { ev_id: 0, cause: EventError::Sql(c), .. } => format!(
-                                    "event {}, table {}: {c}",
-                                    ev.ev_id,
-                                    ev.ev_extra1.as_deref().unwrap_or("(null)")
-                                ),
-                                e => e.to_string(),
-                            };
-                            state::dead_letter(&cfg.job_name, batch_id, info.suffix.as_deref(), ev, &text);
-                            dead += 1;
+                        }
+                        Pace::Isolating => {
+                            for ev in chunk {
+                                let created = writer.created.len();
+                                let Err(e) = in_subtransaction(|| writer.apply(std::slice::from_ref(ev))) else {
+                                    continue;
+                                };
+                                if e.is_transient() {
+                                    return Err(e.into());
+                                }
+                                writer.forget_partitions();
+                                writer.created.truncate(created);
+                                let text = match e {
+                                    // raised inside the subtransaction: say which event
+                                    ApplyError::Event { ev_id: 0, cause: EventError::Sql(c), .. } => format!(
+                                        "event {}, table {}: {c}",
+                                        ev.ev_id,
+                                        ev.ev_extra1.as_deref().unwrap_or("(null)")
+                                    ),
+                                    e => e.to_string(),
+                                };
+                                state::dead_letter(&cfg.job_name, batch_id, info.suffix.as_deref(), ev, &text);
+                                dead += 1;
+                            }
                         }
                     }
+                    Ok(())
+                });
+                match written {
+                    None => break,
+                    Some(r) => r?,
                 }
             }
             source.close_events();
