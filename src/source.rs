@@ -199,23 +199,14 @@ impl Source {
         let chunk = self.chunk;
         crate::roles::as_role(role, || {
             Spi::connect(|c| {
-                let rows = c.select(
+                c.select(
                     "SELECT ev_id, ev_time::text, ev_type, ev_data, ev_extra1 FROM dblink_get_result($1)
                        AS t(ev_id bigint, ev_time timestamptz, ev_type text, ev_data text, ev_extra1 text)",
                     None,
                     &[CONN.into()],
                 )?;
-                // the text stays in this SPI result while `write` runs: borrowed, not copied
-                let mut events = Vec::with_capacity(rows.len());
-                for row in rows {
-                    events.push(RawEvent {
-                        ev_id: row.get(1)?.unwrap_or_default(),
-                        ev_time: row.get::<&str>(2)?.map(Cow::Borrowed),
-                        ev_type: row.get::<&str>(3)?.map(Cow::Borrowed),
-                        ev_data: row.get::<&str>(4)?.map(Cow::Borrowed),
-                        ev_extra1: row.get::<&str>(5)?.map(Cow::Borrowed),
-                    });
-                }
+                // SAFETY: the result stays until this Spi::connect ends, after `write`
+                let events = unsafe { borrow_events(pg_sys::SPI_tuptable, pg_sys::SPI_processed as usize) };
                 // dblink needs one more dblink_get_result after each result to free the connection
                 self.run("SELECT * FROM dblink_get_result($1) AS t(ev_id bigint)", &[CONN.into()]);
                 self.fetch_in_flight = false;
@@ -264,5 +255,41 @@ impl Source {
                AS t(lag interval)",
             &[CONN.into(), queue.into(), consumer.into()],
         )
+    }
+}
+
+/// The events of an SPI result (ev_id, ev_time, ev_type, ev_data, ev_extra1), their text borrowed
+/// from the result itself: no copy per event. (pgrx's typed getters would copy each value into
+/// the transaction's memory, where a big batch's text would pile up until its commit.)
+///
+/// SAFETY: `table` must be the current SPI result with `n` rows, alive as long as the events.
+unsafe fn borrow_events<'t>(table: *mut pg_sys::SPITupleTable, n: usize) -> Vec<RawEvent<'t>> {
+    if table.is_null() {
+        return Vec::new();
+    }
+    unsafe {
+        let desc = (*table).tupdesc;
+        std::slice::from_raw_parts((*table).vals, n)
+            .iter()
+            .map(|&tuple| {
+                let column = |i: i32| {
+                    let mut null = false;
+                    let datum = pg_sys::SPI_getbinval(tuple, desc, i, &mut null);
+                    (datum, null)
+                };
+                let text = |i: i32| {
+                    let (datum, null) = column(i);
+                    <&str as FromDatum>::from_polymorphic_datum(datum, null, pg_sys::TEXTOID).map(Cow::Borrowed)
+                };
+                let (id, null) = column(1);
+                RawEvent {
+                    ev_id: i64::from_polymorphic_datum(id, null, pg_sys::INT8OID).unwrap_or_default(),
+                    ev_time: text(2),
+                    ev_type: text(3),
+                    ev_data: text(4),
+                    ev_extra1: text(5),
+                }
+            })
+            .collect()
     }
 }
