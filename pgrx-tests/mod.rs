@@ -27,7 +27,7 @@ mod tests {
         }
     }
 
-    fn ev(id: i64, ty: &str, data: &str, table: &str) -> RawEvent {
+    fn ev<'a>(id: i64, ty: &'a str, data: &'a str, table: &'a str) -> RawEvent<'a> {
         RawEvent {
             ev_id: id,
             ev_time: None,
