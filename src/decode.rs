@@ -42,14 +42,27 @@ pub struct TableName {
 pub type Row<'a> = Vec<(Cow<'a, str>, Option<Encoded<'a>>)>;
 
 /// A url-encoded value from ev_data that parse_row has checked: its escapes are well formed and
-/// it decodes to UTF-8 without NUL.
+/// it decodes to UTF-8 without NUL. The check also notes what writing it will need, so the
+/// common plain value is copied as it is, without looking at it again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Encoded<'a>(&'a str);
+pub struct Encoded<'a> {
+    raw: &'a str,
+    needs: u8,
+}
+
+/// `Encoded::needs` bits
+const DECODING: u8 = 1; // has '%' escapes or '+'
+const COPY_ESCAPES: u8 = 2; // decodes to a byte COPY text must escape: \ \n \r \t
 
 impl<'a> Encoded<'a> {
     /// No escapes: the text is its own decoding.
     pub fn plain(&self) -> Option<&'a str> {
-        (!self.0.bytes().any(|b| b == b'%' || b == b'+')).then_some(self.0)
+        (self.needs & DECODING == 0).then_some(self.raw)
+    }
+
+    /// Neither url decoding nor COPY escaping changes it: the text is its own COPY text.
+    pub fn copy_plain(&self) -> Option<&'a str> {
+        (self.needs == 0).then_some(self.raw)
     }
 
     /// The decoded text; borrowed when the value had no escapes.
@@ -57,7 +70,7 @@ impl<'a> Encoded<'a> {
         if let Some(p) = self.plain() {
             return Cow::Borrowed(p);
         }
-        let mut out = Vec::with_capacity(self.0.len());
+        let mut out = Vec::with_capacity(self.raw.len());
         self.decode_each(|b| out.push(b));
         // checked by parse_row
         Cow::Owned(String::from_utf8(out).expect("validated value"))
@@ -69,12 +82,54 @@ impl<'a> Encoded<'a> {
             p.bytes().for_each(f);
             return;
         }
-        for (n, segment) in self.0.as_bytes().split(|&b| b == b'+').enumerate() {
+        for (n, segment) in self.raw.as_bytes().split(|&b| b == b'+').enumerate() {
             if n > 0 {
                 f(b' ');
             }
             percent_decode(segment).for_each(&mut f);
         }
+    }
+
+    /// Checks `raw` in one pass: escapes well formed, no NUL, valid UTF-8 once decoded. Only a
+    /// value with escapes of non-ASCII bytes is decoded to check its UTF-8: replacing ASCII
+    /// escapes keeps valid text valid.
+    fn check(raw: &'a str, what: &'static str) -> Result<Encoded<'a>, DecodeError> {
+        let bytes = raw.as_bytes();
+        let copy_special = |b: u8| matches!(b, b'\\' | b'\n' | b'\r' | b'\t');
+        let (mut needs, mut non_ascii) = (0, false);
+        let mut i = 0;
+        while i < bytes.len() {
+            match bytes[i] {
+                b'%' => {
+                    let hex = |j: usize| bytes.get(j).and_then(|&c| (c as char).to_digit(16));
+                    let (Some(hi), Some(lo)) = (hex(i + 1), hex(i + 2)) else {
+                        return Err(DecodeError::BadEscape { what, pos: i });
+                    };
+                    let byte = (hi * 16 + lo) as u8;
+                    if byte == 0 {
+                        // PostgreSQL text cannot hold NUL: say so here, not later in an input function
+                        return Err(DecodeError::BadUtf8 { what });
+                    }
+                    needs |= DECODING | if copy_special(byte) { COPY_ESCAPES } else { 0 };
+                    non_ascii |= byte >= 0x80;
+                    i += 3;
+                    continue;
+                }
+                b'+' => needs |= DECODING,
+                b if copy_special(b) => needs |= COPY_ESCAPES,
+                _ => {}
+            }
+            i += 1;
+        }
+        let e = Encoded { raw, needs };
+        if non_ascii {
+            let mut buf = Vec::with_capacity(raw.len());
+            e.decode_each(|b| buf.push(b));
+            if std::str::from_utf8(&buf).is_err() {
+                return Err(DecodeError::BadUtf8 { what });
+            }
+        }
+        Ok(e)
     }
 }
 
@@ -145,66 +200,35 @@ pub fn parse_table(ev_extra1: Option<&str>) -> Result<TableName, DecodeError> {
 /// names are encoded the same way as values.
 pub fn parse_row(ev_data: Option<&str>) -> Result<Row<'_>, DecodeError> {
     let data = ev_data.ok_or(DecodeError::NoData)?;
-    let mut row: Row = Vec::with_capacity(data.len() / 8);
+    let mut row: Row = Vec::with_capacity(16);
     if data.is_empty() {
         return Ok(row);
     }
     // Duplicate names are not checked here (that would be quadratic per event on the hot path):
     // the INSERT/COPY refuses them with "column specified more than once".
-    for pair in data.split('&') {
-        let (name, value) = match pair.split_once('=') {
-            Some((n, v)) => (n, Some(v)),
+    // byte positions of ASCII delimiters are char boundaries, so the slicing below cannot fail
+    let find = |s: &str, b: u8| s.as_bytes().iter().position(|&c| c == b);
+    let mut rest = data;
+    loop {
+        let (pair, more) = match find(rest, b'&') {
+            Some(i) => (&rest[..i], Some(&rest[i + 1..])),
+            None => (rest, None),
+        };
+        let (name, value) = match find(pair, b'=') {
+            Some(i) => (&pair[..i], Some(&pair[i + 1..])),
             None => (pair, None),
         };
-        let name = unescape(name, "a column name")?;
+        let name = Encoded::check(name, "a column name")?.decoded();
         if name.is_empty() {
             return Err(DecodeError::EmptyColumn);
         }
-        let value = match value {
-            Some(v) => {
-                check(v, "a value")?;
-                Some(Encoded(v))
-            }
-            None => None,
-        };
+        let value = value.map(|v| Encoded::check(v, "a value")).transpose()?;
         row.push((name, value));
-    }
-    Ok(row)
-}
-
-/// percent_decode lets malformed escapes through as literal text; a malformed escape here means
-/// the event was not made by logutriga, so it is refused rather than guessed at.
-fn check(s: &str, what: &'static str) -> Result<(), DecodeError> {
-    let bytes = s.as_bytes();
-    if !bytes.contains(&b'%') {
-        return Ok(()); // '+' only makes spaces: still valid text
-    }
-    let mut i = 0;
-    while let Some(off) = bytes[i..].iter().position(|&b| b == b'%') {
-        let at = i + off;
-        let ok = bytes.len() >= at + 3 && bytes[at + 1].is_ascii_hexdigit() && bytes[at + 2].is_ascii_hexdigit();
-        if !ok {
-            return Err(DecodeError::BadEscape { what, pos: at });
+        match more {
+            Some(m) => rest = m,
+            None => return Ok(row),
         }
-        i = at + 3;
     }
-    thread_local! {
-        static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    SCRATCH.with_borrow_mut(|buf| {
-        buf.clear();
-        Encoded(s).decode_each(|b| buf.push(b));
-        // PostgreSQL text cannot hold NUL; say so here instead of failing later in an input function.
-        if buf.contains(&0) || std::str::from_utf8(buf).is_err() {
-            return Err(DecodeError::BadUtf8 { what });
-        }
-        Ok(())
-    })
-}
-
-fn unescape<'a>(s: &'a str, what: &'static str) -> Result<Cow<'a, str>, DecodeError> {
-    check(s, what)?;
-    Ok(Encoded(s).decoded())
 }
 
 #[cfg(test)]
@@ -277,6 +301,11 @@ mod tests {
             ("t=%", Err(DecodeError::BadEscape { what: "a value", pos: 0 })),
             ("%g1=1", Err(DecodeError::BadEscape { what: "a column name", pos: 0 })),
             ("t=%ff%fe", Err(DecodeError::BadUtf8 { what: "a value" })),
+            ("t=%e2%82", Err(DecodeError::BadUtf8 { what: "a value" })),
+            ("t=ä%2b", Ok(vec![("t".into(), s("ä+"))])),
+            ("t=a%2", Err(DecodeError::BadEscape { what: "a value", pos: 1 })),
+            ("t=a=b", Ok(vec![("t".into(), s("a=b"))])),
+            ("a&b=", Ok(vec![("a".into(), None), ("b".into(), s(""))])),
             ("t=a%00b", Err(DecodeError::BadUtf8 { what: "a value" })),
             ("=1", Err(DecodeError::EmptyColumn)),
             ("a=1&&b=2", Err(DecodeError::EmptyColumn)),

@@ -10,6 +10,10 @@ use std::time::{Duration, Instant};
 /// One named dblink connection per worker process (a worker serves one job).
 const CONN: &str = "cube_dispatcher";
 const CURSOR: &str = "cube_dispatcher_events";
+/// Events per FETCH. The first FETCH of a batch is small: nothing is written while it is
+/// awaited, so a small one lets writing start sooner; later FETCHes run while a chunk is written.
+const FIRST_CHUNK: usize = 1000;
+pub const CHUNK: usize = 5000;
 
 /// An event as PgQ stores it, before decoding. Events read from the source borrow their text
 /// from the fetched result instead of copying it.
@@ -45,7 +49,8 @@ pub struct Source {
     /// A FETCH sent with dblink_send_query whose result is not read yet: the source produces the
     /// next chunk while this backend writes the current one.
     fetch_in_flight: bool,
-    chunk: usize,
+    /// the size of the FETCH in flight: a shorter answer means the cursor is exhausted
+    asked: usize,
 }
 
 impl Source {
@@ -65,7 +70,7 @@ impl Source {
             opened_at: None,
             cursor_open: false,
             fetch_in_flight: false,
-            chunk: 5000,
+            asked: 0,
         }
     }
 
@@ -160,32 +165,34 @@ impl Source {
         .unwrap_or_else(|e| crate::spi::fail(e))
     }
 
-    /// Declares a remote cursor over the batch's events in ev_id order and asks for the first
-    /// chunk. Events are then read with next_chunk(), so memory stays bounded however large the
-    /// batch is.
+    /// Declares a remote cursor over the batch's events and asks for the first chunk. Events
+    /// are then read with next_chunk(), so memory stays bounded however large the batch is.
     ///
     /// `ordered`: in ev_id order, which keep_latest needs. Unordered (keep_all, where order does
     /// not change the result) the source streams rows at once instead of sorting the whole batch
     /// before the first row; the suffix removed is the one pgq.get_batch_cursor removes too.
-    pub fn open_events(&mut self, batch: &BatchInfo, chunk: usize, ordered: bool) {
+    /// `with_time`: ev_time is read only when events may be set aside as dead letters; the
+    /// source then spends no time formatting it for every event.
+    pub fn open_events(&mut self, batch: &BatchInfo, ordered: bool, with_time: bool) {
         self.connect();
         self.close_events();
         let sql = if ordered { batch.events_sql.as_str() } else { batch.events_sql.trim_end_matches(" order by 1") };
         self.run(
-            "SELECT dblink_open($1, $2, format('select ev_id, ev_time, ev_type, ev_data, ev_extra1 from (%s) e', $3::text))",
-            &[CONN.into(), CURSOR.into(), sql.into()],
+            "SELECT dblink_open($1, $2, format('select ev_id, %s, ev_type, ev_data, ev_extra1 from (%s) e',
+                                               CASE WHEN $4 THEN 'ev_time' ELSE 'null::timestamptz' END, $3::text))",
+            &[CONN.into(), CURSOR.into(), sql.into(), with_time.into()],
         );
         self.cursor_open = true;
-        self.chunk = chunk;
-        self.send_fetch();
+        self.send_fetch(FIRST_CHUNK);
     }
 
-    fn send_fetch(&mut self) {
+    fn send_fetch(&mut self, n: usize) {
         let _: Option<i32> = self.value(
             "SELECT dblink_send_query($1, format('FETCH %s FROM %I', $2::int, $3::text))",
-            &[CONN.into(), (self.chunk as i32).into(), CURSOR.into()],
+            &[CONN.into(), (n as i32).into(), CURSOR.into()],
         );
         self.fetch_in_flight = true;
+        self.asked = n;
     }
 
     /// Reads the chunk in flight, sends the FETCH for the next one unless this was the last (so
@@ -196,12 +203,13 @@ impl Source {
             return None;
         }
         let role = self.role;
-        let chunk = self.chunk;
+        let asked = self.asked;
         crate::roles::as_role(role, || {
             Spi::connect(|c| {
                 c.select(
-                    "SELECT ev_id, ev_time::text, ev_type, ev_data, ev_extra1 FROM dblink_get_result($1)
-                       AS t(ev_id bigint, ev_time timestamptz, ev_type text, ev_data text, ev_extra1 text)",
+                    // ev_time as text: it is only kept for dead letters, so it is not parsed per event
+                    "SELECT ev_id, ev_time, ev_type, ev_data, ev_extra1 FROM dblink_get_result($1)
+                       AS t(ev_id bigint, ev_time text, ev_type text, ev_data text, ev_extra1 text)",
                     None,
                     &[CONN.into()],
                 )?;
@@ -213,8 +221,8 @@ impl Source {
                 if events.is_empty() {
                     return Ok(None);
                 }
-                if events.len() == chunk {
-                    self.send_fetch();
+                if events.len() == asked {
+                    self.send_fetch(CHUNK);
                 }
                 Ok::<_, pgrx::spi::Error>(Some(write(&events)))
             })
@@ -227,7 +235,7 @@ impl Source {
         if self.fetch_in_flight {
             // a FETCH nobody will read: take its result and the closing empty one
             self.run(
-                "SELECT * FROM dblink_get_result($1) AS t(ev_id bigint, ev_time timestamptz, ev_type text, ev_data text, ev_extra1 text)",
+                "SELECT * FROM dblink_get_result($1) AS t(ev_id bigint, ev_time text, ev_type text, ev_data text, ev_extra1 text)",
                 &[CONN.into()],
             );
             self.run("SELECT * FROM dblink_get_result($1) AS t(ev_id bigint)", &[CONN.into()]);
