@@ -92,13 +92,21 @@ pub fn quote_ident(name: &str) -> String {
 }
 
 impl Partition {
+    /// Whether an index leads with the column; asked once per batch and column.
     fn key_indexed(&self, first_key_column: &str) -> bool {
-        crate::spi::value::<bool>(
+        if let Some((c, yes)) = &*self.key_index.borrow() {
+            if c == first_key_column {
+                return *yes;
+            }
+        }
+        let yes = crate::spi::value::<bool>(
             "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
                              WHERE i.indrelid = $1 AND a.attname = $2)",
             &[self.relid.into(), first_key_column.into()],
         )
-        .unwrap_or(false)
+        .unwrap_or(false);
+        *self.key_index.borrow_mut() = Some((first_key_column.to_string(), yes));
+        yes
     }
 }
 
@@ -109,6 +117,8 @@ struct Partition {
     copy_ok: bool,
     /// column name -> type to cast the text value to (None: a string type, no cast needed)
     columns: HashMap<String, Option<String>>,
+    /// the last key_indexed() answer
+    key_index: std::cell::RefCell<Option<(String, bool)>>,
 }
 
 /// One batch being applied. Partitions are looked up once per batch (a batch has one suffix).
@@ -374,7 +384,13 @@ impl<'a> BatchWriter<'a> {
             Ok::<_, pgrx::spi::Error>(m)
         })
         .map_err(|e| EventError::Sql(SqlError { message: e.to_string(), transient: false }))?;
-        Ok(Partition { qualified, relid: oid, copy_ok: crate::copy_in::usable(oid), columns })
+        Ok(Partition {
+            qualified,
+            relid: oid,
+            copy_ok: crate::copy_in::usable(oid),
+            columns,
+            key_index: Default::default(),
+        })
     }
 
     fn cast(&self, dest: usize, column: &str, value: &str) -> String {
@@ -427,31 +443,42 @@ impl<'a> BatchWriter<'a> {
 
     fn delete(&self, d: &DeleteGroup) -> Result<(), ApplyError> {
         self.check_columns(d.dest, d.ev_ids[0], d.key_columns.iter().map(String::as_str))?;
-        // A partition being filled by this very batch has no statistics yet, so the planner takes
-        // it for small and would hash all of it for every chunk's delete: quadratic. When an
-        // index leads with the key, probing it per key is always right; pin that plan.
-        let joins = if self.partitions[d.dest].key_indexed(&d.key_columns[0]) { "off" } else { "on" };
-        run_sql(
-            "SELECT set_config('enable_hashjoin', $1, true), set_config('enable_mergejoin', $1, true)",
-            &[joins.into()],
-        )
-        .map_err(|cause| self.statement_error(d.ev_ids[0], d.ev_ids[0], &self.partitions[d.dest], cause))?;
         let part = &self.partitions[d.dest];
-        let n = d.key_columns.len();
-        let conds: Vec<String> = (0..n)
-            .map(|i| {
-                format!(
-                    "t.{} = {}",
-                    quote_ident(&d.key_columns[i]),
-                    self.cast(d.dest, &d.key_columns[i], &format!("k.c{i}"))
-                )
-            })
-            .collect();
-        let sql =
-            format!("DELETE FROM {} t USING {} WHERE {}", part.qualified, unnest_from("k", n), conds.join(" AND "));
         let (first, last) = (*d.ev_ids.iter().min().unwrap(), *d.ev_ids.iter().max().unwrap());
+        let fail = |cause| self.statement_error(first, last, part, cause);
+        // A partition being filled by this very batch has no statistics yet, so the planner takes
+        // it for small and would scan or hash all of it for every chunk's delete: quadratic. When
+        // an index leads with the key, probing it per key is always right; pin that plan.
+        let pinned = if part.key_indexed(&d.key_columns[0]) { "off" } else { "on" };
+        run_sql(
+            "SELECT set_config('enable_seqscan', $1, true), set_config('enable_hashjoin', $1, true),
+                    set_config('enable_mergejoin', $1, true)",
+            &[pinned.into()],
+        )
+        .map_err(fail)?;
+        let n = d.key_columns.len();
         let keys = d.keys.iter().map(|k| k.to_vec());
-        run_sql(&sql, &column_arrays(n, keys)).map_err(|cause| self.statement_error(first, last, part, cause))
+        let sql = if n == 1 {
+            // one key column: a single index scan over all the keys, no join per key
+            let column = &d.key_columns[0];
+            let keys = match &part.columns[column.as_str()] {
+                Some(ty) => format!("$1::text[]::{ty}[]"),
+                None => "$1::text[]".to_string(),
+            };
+            format!("DELETE FROM {} t WHERE t.{} = ANY ({keys})", part.qualified, quote_ident(column))
+        } else {
+            let conds: Vec<String> = (0..n)
+                .map(|i| {
+                    format!(
+                        "t.{} = {}",
+                        quote_ident(&d.key_columns[i]),
+                        self.cast(d.dest, &d.key_columns[i], &format!("k.c{i}"))
+                    )
+                })
+                .collect();
+            format!("DELETE FROM {} t USING {} WHERE {}", part.qualified, unnest_from("k", n), conds.join(" AND "))
+        };
+        run_sql(&sql, &column_arrays(n, keys)).map_err(fail)
     }
 
     fn statement_error(&self, first: i64, last: i64, part: &Partition, cause: SqlError) -> ApplyError {

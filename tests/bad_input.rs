@@ -201,6 +201,20 @@ fn dead_letters_let_the_good_events_through_and_replay_later() {
     assert_eq!(letters[1][0].as_deref(), Some(bad_escape.as_str()));
     assert!(letters[1][1].as_deref().unwrap().contains("malformed %-escape"), "{letters:?}");
     assert!(letters[2][1].as_deref().unwrap().contains("column \"later\" does not exist"), "{letters:?}");
+    // a dead letter keeps the event's own time (read from the source only on this slow path)
+    let queue_id = c.value("source", "SELECT queue_id FROM pgq.queue WHERE queue_name = 'q'").unwrap();
+    let source_time = c.value(
+        "source",
+        &format!("SELECT extract(epoch FROM ev_time)::text FROM pgq.event_{queue_id} WHERE ev_id = {bad_escape}"),
+    );
+    let letter_time = c.value(
+        "target",
+        &format!(
+            "SELECT extract(epoch FROM ev_time)::text FROM cube_dispatcher.dead_letter WHERE ev_id = {bad_escape}"
+        ),
+    );
+    assert!(source_time.is_some());
+    assert_eq!(letter_time, source_time);
     assert_eq!(c.status("dl", "dead_letters").as_deref(), Some("3"));
     assert!(c.log().contains("3 events could not be written and were stored in cube_dispatcher.dead_letter"));
 
