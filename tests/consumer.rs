@@ -275,3 +275,40 @@ fn the_real_pgqd_ticker_drives_the_job() {
             && c.count("target", &part) == 1000
     });
 }
+
+#[test]
+fn batches_ending_on_fetch_boundaries_deliver_every_event_once() {
+    // The first FETCH of a batch asks for 1000 events, the later ones for 5000: these batch sizes
+    // end just before, exactly on and just after a FETCH's end.
+    let c = Cluster::start();
+    c.feed("q", "orders", ORDERS, ORDERS);
+    c.start_job("latest", "q", &[]);
+    c.start_job("every", "q", &[("mode", "keep_all"), ("dateformat", "YYYY_MM")]);
+    let (mut next, mut updated, mut events) = (1, 0, 0);
+    for n in [999, 1000, 1001, 6000, 6001] {
+        // inserts, then updates of the batch's first rows: versions of one key land in different chunks
+        let (ins, upd) = (n - n / 2, n / 2);
+        c.source_sql(&format!(
+            "INSERT INTO orders SELECT g, 'new', g FROM generate_series({next}, {}) g;
+             UPDATE orders SET txt = 'updated' WHERE id BETWEEN {next} AND {}",
+            next + ins - 1,
+            next + upd - 1
+        ));
+        c.tick("q");
+        c.wait_caught_up("q", "latest");
+        c.wait_caught_up("q", "every");
+        (next, updated, events) = (next + ins, updated + upd, events + n);
+    }
+    let latest = format!("orders_{}", c.suffix("YYYY_MM_DD"));
+    let all = format!("orders_{}", c.suffix("YYYY_MM"));
+    let summary = |t: &str| {
+        c.value(
+            "target",
+            &format!("SELECT count(*) || ' ' || count(DISTINCT id) || ' ' || count(*) FILTER (WHERE txt = 'updated') FROM {t}"),
+        )
+    };
+    assert_eq!(summary(&latest), Some(format!("{0} {0} {updated}", next - 1)));
+    assert_eq!(summary(&all), Some(format!("{events} {} {updated}", next - 1)));
+    assert_eq!(c.status("latest", "batches_done").as_deref(), Some("5"));
+    assert_eq!(c.status("every", "events_done"), Some(events.to_string()));
+}
