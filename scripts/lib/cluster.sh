@@ -25,7 +25,7 @@ cluster_start() {
     } >> "$CL_DIR/data/postgresql.conf"
     as_owner "$PGBIN/pg_ctl" -D "$CL_DIR/data" -l "$CL_DIR/server.log" -w start >/dev/null
     export PGHOST=$CL_DIR PGPORT=$CL_PORT PGUSER=$CL_USER
-    SRC_CONN="host=$CL_DIR port=$CL_PORT dbname=source user=$CL_USER"
+    SRC_CONN="host=$CL_DIR port=$CL_PORT dbname=source user=$CL_USER${SRC_OPTIONS:+ $SRC_OPTIONS}"
 }
 
 cluster_stop() {
