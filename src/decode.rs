@@ -103,7 +103,8 @@ impl<'a> Encoded<'a> {
 
     /// Checks `raw` in one pass: escapes well formed, no NUL, valid UTF-8 once decoded. Only a
     /// value with escapes of non-ASCII bytes is decoded to check its UTF-8: replacing ASCII
-    /// escapes keeps valid text valid.
+    /// escapes keeps valid text valid. (percent_decode would let a malformed escape through as
+    /// literal text; one means the event was not made by logutriga, so it is refused, not guessed.)
     fn check(raw: &'a str, what: &'static str) -> Result<Encoded<'a>, DecodeError> {
         let bytes = raw.as_bytes();
         let copy_special = |b: u8| matches!(b, b'\\' | b'\n' | b'\r' | b'\t');
