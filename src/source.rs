@@ -13,7 +13,7 @@ const CURSOR: &str = "cube_dispatcher_events";
 /// Events per FETCH. The first FETCH of a batch is small: nothing is written while it is
 /// awaited, so a small one lets writing start sooner; later FETCHes run while a chunk is written.
 const FIRST_CHUNK: usize = 1000;
-pub const CHUNK: usize = 5000;
+const CHUNK: usize = 5000;
 
 /// An event as PgQ stores it, before decoding. Events read from the source borrow their text
 /// from the fetched result instead of copying it.
