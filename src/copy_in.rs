@@ -37,6 +37,8 @@ static mut FEED: Feed = Feed { data: std::ptr::null(), len: 0, pos: 0 };
 
 unsafe extern "C-unwind" fn read_feed(outbuf: *mut c_void, _minread: c_int, maxread: c_int) -> c_int {
     unsafe {
+        // through a raw pointer: a plain `&mut FEED` is a reference to a static mut
+        #[allow(clippy::deref_addrof)]
         let feed = &mut *(&raw mut FEED);
         let n = (feed.len - feed.pos).min(maxread as usize);
         std::ptr::copy_nonoverlapping(feed.data.add(feed.pos), outbuf as *mut u8, n);

@@ -103,7 +103,7 @@ impl Source {
     /// Drops the connection (and with it any remote transaction and cursor). Safe to call at any
     /// time, also after an error: it only acts if the connection exists.
     pub fn disconnect(&mut self) {
-        let _ = self.run(
+        self.run(
             "SELECT dblink_disconnect($1) WHERE $1 = ANY (coalesce(dblink_get_connections(), '{}'))",
             &[CONN.into()],
         );

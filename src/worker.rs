@@ -163,7 +163,10 @@ impl Worker {
                 self.config = row.config;
                 self.config_version = row.config_version;
                 self.source.reconfigure(&self.config.src_db, Duration::from_secs_f64(self.config.connection_lifetime));
-                in_transaction(|| Ok(set_lock_timeout(&self.config)))?;
+                in_transaction(|| {
+                    set_lock_timeout(&self.config);
+                    Ok(())
+                })?;
                 self.log(LogLevel::Normal, &format!("reloaded settings (version {})", self.config_version));
             }
         }
@@ -446,7 +449,11 @@ pub extern "C-unwind" fn cube_dispatcher_worker_main(arg: pg_sys::Datum) {
     let row = match row {
         Ok(Some(r)) if r.enabled => r,
         Ok(_) => {
-            in_transaction(|| Ok(state::set_stopped(&job, Some(pid)))).ok();
+            in_transaction(|| {
+                state::set_stopped(&job, Some(pid));
+                Ok(())
+            })
+            .ok();
             return; // stopped or dropped meanwhile: exit 0, so the postmaster does not restart us
         }
         Err(e) => {
@@ -466,7 +473,10 @@ pub extern "C-unwind" fn cube_dispatcher_worker_main(arg: pg_sys::Datum) {
         last_lag_update: None,
         recent_eps: 0.0,
     };
-    let _ = in_transaction(|| Ok(set_lock_timeout(&w.config)));
+    let _ = in_transaction(|| {
+        set_lock_timeout(&w.config);
+        Ok(())
+    });
     w.log(
         LogLevel::Normal,
         &format!(
