@@ -15,6 +15,7 @@ pub fn push_value(buf: &mut Vec<u8>, v: Option<Encoded>) {
         Some(e) => match e.copy_plain() {
             // the common case, copied in one go
             Some(p) => buf.extend_from_slice(p.as_bytes()),
+            None if e.copy_safe() => e.decode_into(buf),
             None => e.decode_each(|b| match b {
                 b'\\' => buf.extend_from_slice(b"\\\\"),
                 b'\n' => buf.extend_from_slice(b"\\n"),

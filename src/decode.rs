@@ -76,15 +76,30 @@ impl<'a> Encoded<'a> {
         (self.needs == 0).then_some(self.raw)
     }
 
+    /// Its decoding is its COPY text: nothing in it needs a COPY escape.
+    pub fn copy_safe(&self) -> bool {
+        self.needs & COPY_ESCAPES == 0
+    }
+
     /// The decoded text; borrowed when the value had no escapes.
     pub fn decoded(&self) -> Cow<'a, str> {
         if let Some(p) = self.plain() {
             return Cow::Borrowed(p);
         }
         let mut out = Vec::with_capacity(self.raw.len());
-        self.decode_each(|b| out.push(b));
+        self.decode_into(&mut out);
         // checked by parse_row
         Cow::Owned(String::from_utf8(out).expect("validated value"))
+    }
+
+    /// Appends the decoded bytes to `out`.
+    pub fn decode_into(&self, out: &mut Vec<u8>) {
+        for (n, segment) in self.raw.as_bytes().split(|&b| b == b'+').enumerate() {
+            if n > 0 {
+                out.push(b' ');
+            }
+            out.extend(percent_decode(segment));
+        }
     }
 
     /// Feeds the decoded bytes to `f`: '+' is a space, the rest goes through percent_decode.
