@@ -290,10 +290,17 @@ impl<'a> BatchWriter<'a> {
     /// Applies a run of events in order. Callers pass the batch in chunks; chunks are applied one
     /// after the other, so the result equals applying every event in ev_id order.
     pub fn apply(&mut self, events: &[RawEvent]) -> Result<(), ApplyError> {
-        crate::roles::as_role(self.role, || self.apply_as_owner(events))
+        crate::roles::as_role(self.role, || self.apply_as_owner(events, false)).map(|_| ())
     }
 
-    fn apply_as_owner(&mut self, events: &[RawEvent]) -> Result<(), ApplyError> {
+    /// Like apply, except that in keep_all a chunk that goes to one partition with one column
+    /// set is not copied yet: its COPY is returned for `run_copy`, which later chunks of the same
+    /// table can join (`continue_copy`).
+    pub fn apply_leaving_copy_open(&mut self, events: &[RawEvent]) -> Result<Option<OpenCopy>, ApplyError> {
+        crate::roles::as_role(self.role, || self.apply_as_owner(events, self.job.mode == Mode::KeepAll))
+    }
+
+    fn apply_as_owner(&mut self, events: &[RawEvent], leave_open: bool) -> Result<Option<OpenCopy>, ApplyError> {
         let mut changes = Vec::with_capacity(events.len());
         for ev in events {
             changes.push(self.change(ev)?);
@@ -302,10 +309,39 @@ impl<'a> BatchWriter<'a> {
         for d in &plan.deletes {
             self.delete(d)?;
         }
+        let leave_open = leave_open && plan.deletes.is_empty() && plan.inserts.len() == 1;
+        let mut open = None;
         for g in &plan.inserts {
-            self.insert(g, &changes)?;
+            open = self.insert(g, &changes, leave_open)?;
         }
-        Ok(())
+        // the raw table name is what later chunks are compared with
+        Ok(open.map(|mut o| {
+            o.key.table = events[0].ev_extra1.as_deref().unwrap_or_default().to_string();
+            o
+        }))
+    }
+
+    /// Writes the COPY text of `events` into `out` when every one of them continues `open`: same
+    /// table as sent by the trigger, same columns, valid. Returns their first and last ev_id.
+    /// Anything else (another table, other columns, a bad event) returns None and writes
+    /// nothing: the chunk then goes the ordinary way, which also reports its errors.
+    pub fn continue_copy(&mut self, open: &CopyKey, events: &[RawEvent], out: &mut Vec<u8>) -> Option<(i64, i64)> {
+        if events.is_empty() || events.iter().any(|e| e.ev_extra1.as_deref() != Some(open.table.as_str())) {
+            return None;
+        }
+        let mut changes = Vec::with_capacity(events.len());
+        for ev in events {
+            let ch = self.change(ev).ok()?;
+            let same = ch.dest == open.dest
+                && ch.row.len() == open.columns.len()
+                && ch.row.iter().zip(&open.columns).all(|((c, _), o)| c == o);
+            if !same {
+                return None;
+            }
+            changes.push(ch);
+        }
+        push_rows(out, changes.iter().map(|c| &c.row));
+        Some((events[0].ev_id, events[events.len() - 1].ev_id))
     }
 
     /// The first column (in event order) that the partition lacks, named in the error.
@@ -400,7 +436,7 @@ impl<'a> BatchWriter<'a> {
         }
     }
 
-    fn insert(&self, g: &InsertGroup, changes: &[Change]) -> Result<(), ApplyError> {
+    fn insert(&self, g: &InsertGroup, changes: &[Change], leave_open: bool) -> Result<Option<OpenCopy>, ApplyError> {
         let part = &self.partitions[g.dest];
         let head = &changes[g.rows[0]];
         self.check_columns(g.dest, head.ev_id, head.row.iter().map(|(c, _)| c.as_ref()))?;
@@ -411,20 +447,28 @@ impl<'a> BatchWriter<'a> {
         if n == 0 {
             // events without columns: a row of defaults each
             let sql = format!("INSERT INTO {} SELECT FROM generate_series(1, $1)", part.qualified);
-            return run_sql(&sql, &[(g.rows.len() as i64).into()]).map_err(fail);
+            return run_sql(&sql, &[(g.rows.len() as i64).into()]).map(|_| None).map_err(fail);
         }
         if part.copy_ok {
             let mut buf = Vec::with_capacity(g.rows.len() * 32 * n);
-            for &i in &g.rows {
-                for (col, (_, v)) in changes[i].row.iter().enumerate() {
-                    if col > 0 {
-                        buf.push(b'\t');
-                    }
-                    crate::copy_in::push_value(&mut buf, *v);
-                }
-                buf.push(b'\n');
+            push_rows(&mut buf, g.rows.iter().map(|&i| &changes[i].row));
+            let open = OpenCopy {
+                key: CopyKey {
+                    table: String::new(),
+                    dest: g.dest,
+                    columns: columns.iter().map(|c| c.to_string()).collect(),
+                },
+                role: self.role,
+                relid: part.relid,
+                qualified: part.qualified.clone(),
+                buf,
+                first_ev_id: first,
+                last_ev_id: last,
+            };
+            if leave_open {
+                return Ok(Some(open));
             }
-            return catching(|| Ok(crate::copy_in::copy_rows(part.relid, &columns, &buf))).map(|_| ()).map_err(fail);
+            return open.run(None).map(|_| None);
         }
         // INSERT checks privileges and row security itself, and says why it refuses
         let cols: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
@@ -438,7 +482,7 @@ impl<'a> BatchWriter<'a> {
         );
         let rows =
             g.rows.iter().map(|&i| changes[i].row.iter().map(|(_, v)| v.map(|e| e.decoded())).collect::<Vec<_>>());
-        run_sql(&sql, &column_arrays(n, rows)).map_err(fail)
+        run_sql(&sql, &column_arrays(n, rows)).map(|_| None).map_err(fail)
     }
 
     fn delete(&self, d: &DeleteGroup) -> Result<(), ApplyError> {
@@ -487,6 +531,65 @@ impl<'a> BatchWriter<'a> {
         } else {
             ApplyError::Statement { first_ev_id: first, last_ev_id: last, table: part.qualified.clone(), cause }
         }
+    }
+}
+
+/// What rows must share to join an open COPY.
+#[derive(Debug, Clone)]
+pub struct CopyKey {
+    /// ev_extra1 as the trigger sent it
+    table: String,
+    dest: usize,
+    columns: Vec<String>,
+}
+
+/// A COPY into one partition, built but not run yet: later chunks of the batch may join it.
+pub struct OpenCopy {
+    pub key: CopyKey,
+    role: pg_sys::Oid,
+    relid: pg_sys::Oid,
+    qualified: String,
+    buf: Vec<u8>,
+    first_ev_id: i64,
+    last_ev_id: i64,
+}
+
+impl OpenCopy {
+    /// Runs the COPY; `more` refills its buffer with the next rows and says the last ev_id it
+    /// added, or None when the COPY is to end.
+    pub fn run(self, mut more: Option<&mut dyn FnMut(&mut Vec<u8>) -> Option<i64>>) -> Result<(), ApplyError> {
+        let columns: Vec<&str> = self.key.columns.iter().map(String::as_str).collect();
+        let mut last = self.last_ev_id;
+        let mut refill = |buf: &mut Vec<u8>| match more.as_mut().and_then(|m| m(buf)) {
+            Some(ev_id) => {
+                last = ev_id;
+                true
+            }
+            None => false,
+        };
+        let copied = crate::roles::as_role(self.role, || {
+            catching(|| Ok(crate::copy_in::copy_rows(self.relid, &columns, self.buf, Some(&mut refill))))
+        });
+        copied.map(|_| ()).map_err(|cause| {
+            if self.first_ev_id == last {
+                ApplyError::Event { ev_id: last, table: self.qualified.clone(), cause: EventError::Sql(cause) }
+            } else {
+                ApplyError::Statement { first_ev_id: self.first_ev_id, last_ev_id: last, table: self.qualified, cause }
+            }
+        })
+    }
+}
+
+/// Appends each row as a line of COPY text.
+fn push_rows<'r, 'v: 'r>(buf: &mut Vec<u8>, rows: impl Iterator<Item = &'r crate::decode::Row<'v>>) {
+    for row in rows {
+        for (col, (_, v)) in row.iter().enumerate() {
+            if col > 0 {
+                buf.push(b'\t');
+            }
+            crate::copy_in::push_value(buf, *v);
+        }
+        buf.push(b'\n');
     }
 }
 

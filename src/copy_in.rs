@@ -27,22 +27,37 @@ pub fn push_value(buf: &mut Vec<u8>, v: Option<Encoded>) {
     }
 }
 
+/// Refills the COPY text buffer (handed over empty) once it is used up; false: nothing more.
+pub type More<'m> = &'m mut dyn FnMut(&mut Vec<u8>) -> bool;
+
 /// The data being fed to the COPY in progress. The callback has no argument for it, so it is a
 /// process global; a backend runs one COPY at a time.
 struct Feed {
-    data: *const u8,
-    len: usize,
+    data: *mut Vec<u8>,
     pos: usize,
+    more: Option<*mut (dyn FnMut(&mut Vec<u8>) -> bool + 'static)>,
 }
-static mut FEED: Feed = Feed { data: std::ptr::null(), len: 0, pos: 0 };
+static mut FEED: Feed = Feed { data: std::ptr::null_mut(), pos: 0, more: None };
 
+// pg_guard: `more` reads the next chunk from the source, which may raise a PostgreSQL error;
+// it must leave through PostgreSQL's error path, not unwind through CopyFrom.
+#[pg_guard]
 unsafe extern "C-unwind" fn read_feed(outbuf: *mut c_void, _minread: c_int, maxread: c_int) -> c_int {
     unsafe {
         // through a raw pointer: a plain `&mut FEED` is a reference to a static mut
         #[allow(clippy::deref_addrof)]
         let feed = &mut *(&raw mut FEED);
-        let n = (feed.len - feed.pos).min(maxread as usize);
-        std::ptr::copy_nonoverlapping(feed.data.add(feed.pos), outbuf as *mut u8, n);
+        let data = &mut *feed.data;
+        while feed.pos == data.len() {
+            let Some(more) = feed.more else { return 0 };
+            data.clear();
+            feed.pos = 0;
+            if !(*more)(data) {
+                return 0;
+            }
+        }
+        let n = (data.len() - feed.pos).min(maxread as usize);
+        std::ptr::copy_nonoverlapping(data.as_ptr().add(feed.pos), outbuf as *mut u8, n);
         feed.pos += n;
         n as c_int
     }
@@ -59,9 +74,11 @@ pub fn usable(relid: pg_sys::Oid) -> bool {
     }
 }
 
-/// Copies `data` (COPY text format, UTF-8, one line per row, `columns` in order) into the table.
-/// Errors are raised as PostgreSQL errors, like COPY's own.
-pub fn copy_rows(relid: pg_sys::Oid, columns: &[&str], data: &[u8]) -> u64 {
+/// Copies `data` (COPY text format, UTF-8, one line per row, `columns` in order) into the table,
+/// then whatever `more` refills it with. One COPY for many chunks matters: each COPY starts a new
+/// 16 MB ring of shared buffers, so COPYs of one chunk each would leave every page written behind
+/// in the worker's memory map. Errors are raised as PostgreSQL errors, like COPY's own.
+pub fn copy_rows(relid: pg_sys::Oid, columns: &[&str], mut data: Vec<u8>, more: Option<More>) -> u64 {
     unsafe {
         let lock = pg_sys::RowExclusiveLock as pg_sys::LOCKMODE;
         let rel = pg_sys::table_open(relid, lock);
@@ -78,7 +95,11 @@ pub fn copy_rows(relid: pg_sys::Oid, columns: &[&str], data: &[u8]) -> u64 {
             -1,
         );
         let options = pg_sys::lappend(std::ptr::null_mut(), encoding.cast());
-        FEED = Feed { data: data.as_ptr(), len: data.len(), pos: 0 };
+        // SAFETY: FEED is only read by read_feed, during CopyFrom below, while both are alive
+        let more = more.map(|m| {
+            std::mem::transmute::<*mut (dyn FnMut(&mut Vec<u8>) -> bool + '_), *mut dyn FnMut(&mut Vec<u8>) -> bool>(m)
+        });
+        FEED = Feed { data: &mut data, pos: 0, more };
         let cstate = pg_sys::BeginCopyFrom(
             pstate,
             rel,
@@ -91,7 +112,7 @@ pub fn copy_rows(relid: pg_sys::Oid, columns: &[&str], data: &[u8]) -> u64 {
         );
         let n = pg_sys::CopyFrom(cstate);
         pg_sys::EndCopyFrom(cstate);
-        FEED = Feed { data: std::ptr::null(), len: 0, pos: 0 };
+        FEED = Feed { data: std::ptr::null_mut(), pos: 0, more: None };
         pg_sys::free_parsestate(pstate);
         pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
         n

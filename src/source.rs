@@ -26,6 +26,20 @@ pub struct RawEvent<'a> {
     pub ev_extra1: Option<Cow<'a, str>>,
 }
 
+impl RawEvent<'_> {
+    /// A copy that owns its text, to keep beyond the fetched result it came from.
+    pub fn to_owned_event(&self) -> RawEvent<'static> {
+        let own = |v: &Option<Cow<str>>| v.as_deref().map(|s| Cow::Owned(s.to_string()));
+        RawEvent {
+            ev_id: self.ev_id,
+            ev_time: own(&self.ev_time),
+            ev_type: own(&self.ev_type),
+            ev_data: own(&self.ev_data),
+            ev_extra1: own(&self.ev_extra1),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct BatchInfo {
     pub batch_id: i64,

@@ -9,7 +9,7 @@
 use crate::apply::{caught, in_subtransaction, ApplyError, BatchWriter, EventError};
 use crate::config::{mask_password, JobConfig, LogLevel, OnError};
 use crate::route::Mode;
-use crate::source::Source;
+use crate::source::{RawEvent, Source};
 use crate::state;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
@@ -206,48 +206,82 @@ impl Worker {
             let mut events = 0i64;
             let mut dead = 0i64;
             source.open_events(&info, cfg.mode == Mode::KeepLatest, pace == Pace::Isolating);
+            // a chunk fetched while a COPY ran that did not continue it: written next
+            let mut stash: Option<Vec<RawEvent<'static>>> = None;
             loop {
-                let written = source.next_chunk(|chunk| -> Result<(), StepError> {
+                let mut open = None;
+                if let Some(chunk) = stash.take() {
                     let write_started = Instant::now();
-                    events += chunk.len() as i64;
-                    match pace {
-                        Pace::Bulk => writer.apply(chunk)?,
-                        Pace::OneByOne => {
-                            for ev in chunk {
-                                writer.apply(std::slice::from_ref(ev))?;
-                            }
-                        }
-                        Pace::Isolating => {
-                            for ev in chunk {
-                                let created = writer.created.len();
-                                let Err(e) = in_subtransaction(|| writer.apply(std::slice::from_ref(ev))) else {
-                                    continue;
-                                };
-                                if e.is_transient() {
-                                    return Err(e.into());
-                                }
-                                writer.forget_partitions();
-                                writer.created.truncate(created);
-                                let text = match e {
-                                    // raised inside the subtransaction: say which event
-                                    ApplyError::Event { ev_id: 0, cause: EventError::Sql(c), .. } => format!(
-                                        "event {}, table {}: {c}",
-                                        ev.ev_id,
-                                        ev.ev_extra1.as_deref().unwrap_or("(null)")
-                                    ),
-                                    e => e.to_string(),
-                                };
-                                state::dead_letter(&cfg.job_name, batch_id, info.suffix.as_deref(), ev, &text);
-                                dead += 1;
-                            }
-                        }
-                    }
+                    open = writer.apply_leaving_copy_open(&chunk)?;
                     write_time += write_started.elapsed();
-                    Ok(())
-                });
-                match written {
-                    None => break,
-                    Some(r) => r?,
+                } else {
+                    let written = source.next_chunk(|chunk| -> Result<(), StepError> {
+                        let write_started = Instant::now();
+                        events += chunk.len() as i64;
+                        match pace {
+                            Pace::Bulk => open = writer.apply_leaving_copy_open(chunk)?,
+                            Pace::OneByOne => {
+                                for ev in chunk {
+                                    writer.apply(std::slice::from_ref(ev))?;
+                                }
+                            }
+                            Pace::Isolating => {
+                                for ev in chunk {
+                                    let created = writer.created.len();
+                                    let Err(e) = in_subtransaction(|| writer.apply(std::slice::from_ref(ev))) else {
+                                        continue;
+                                    };
+                                    if e.is_transient() {
+                                        return Err(e.into());
+                                    }
+                                    writer.forget_partitions();
+                                    writer.created.truncate(created);
+                                    let text = match e {
+                                        // raised inside the subtransaction: say which event
+                                        ApplyError::Event { ev_id: 0, cause: EventError::Sql(c), .. } => format!(
+                                            "event {}, table {}: {c}",
+                                            ev.ev_id,
+                                            ev.ev_extra1.as_deref().unwrap_or("(null)")
+                                        ),
+                                        e => e.to_string(),
+                                    };
+                                    state::dead_letter(&cfg.job_name, batch_id, info.suffix.as_deref(), ev, &text);
+                                    dead += 1;
+                                }
+                            }
+                        }
+                        write_time += write_started.elapsed();
+                        Ok(())
+                    });
+                    match written {
+                        None => break,
+                        Some(r) => r?,
+                    }
+                }
+                // keep_all: the COPY goes on with the following chunks while they continue its
+                // table, so a big batch is one COPY (one ring of shared buffers), not one a chunk
+                if let Some(copy) = open {
+                    let key = copy.key.clone();
+                    let copy_started = Instant::now();
+                    let mut fetching = Duration::ZERO;
+                    let mut more = |buf: &mut Vec<u8>| -> Option<i64> {
+                        let fetch_started = Instant::now();
+                        let mut writing = Duration::ZERO;
+                        let added = source.next_chunk(|chunk| {
+                            let write_started = Instant::now();
+                            events += chunk.len() as i64;
+                            let added = writer.continue_copy(&key, chunk, buf);
+                            if added.is_none() {
+                                stash = Some(chunk.iter().map(RawEvent::to_owned_event).collect());
+                            }
+                            writing = write_started.elapsed();
+                            added
+                        });
+                        fetching += fetch_started.elapsed().saturating_sub(writing);
+                        added.flatten().map(|(_, last)| last)
+                    };
+                    copy.run(Some(&mut more))?;
+                    write_time += copy_started.elapsed().saturating_sub(fetching);
                 }
             }
             source.close_events();

@@ -363,3 +363,37 @@ fn keep_latest_replaces_and_deletes_by_keys_of_any_type() {
         );
     }
 }
+
+#[test]
+fn a_keep_all_batch_switching_tables_and_columns_keeps_every_event_once() {
+    // keep_all continues one COPY across chunks of the same table and columns; a chunk that
+    // switches table or columns ends it and goes the ordinary way
+    let c = Cluster::start();
+    c.create_queue("q");
+    for t in ["a", "b"] {
+        let ddl = format!("CREATE TABLE {t} (id int, txt text)");
+        c.source_sql(&ddl);
+        c.target_sql(&format!("CREATE TABLE {t} (id int, txt text, extra int)"));
+        c.add_logutriga(t, "q");
+    }
+    c.start_job("mix", "q", &[("mode", "keep_all")]);
+    c.source_sql("INSERT INTO a SELECT g, 'a1' FROM generate_series(1, 7000) g");
+    c.source_sql("INSERT INTO b SELECT g, 'b' FROM generate_series(1, 4000) g");
+    c.source_sql("INSERT INTO a SELECT g, 'a2' FROM generate_series(7001, 9000) g");
+    c.source_sql(
+        "ALTER TABLE a ADD COLUMN extra int; INSERT INTO a SELECT g, 'a3', g FROM generate_series(9001, 12000) g",
+    );
+    c.tick("q");
+    c.wait_caught_up("q", "mix");
+    let day = c.suffix("YYYY_MM_DD");
+    let summary = |t: &str| {
+        c.value(
+            "target",
+            &format!("SELECT count(*) || ' ' || count(DISTINCT id) || ' ' || count(extra) || ' ' || string_agg(DISTINCT txt, ',' ORDER BY txt) FROM {t}_{day}"),
+        )
+    };
+    assert_eq!(summary("a").as_deref(), Some("12000 12000 3000 a1,a2,a3"));
+    assert_eq!(summary("b").as_deref(), Some("4000 4000 0 b"));
+    assert_eq!(c.status("mix", "batches_done").as_deref(), Some("1"));
+    assert_eq!(c.status("mix", "events_done").as_deref(), Some("16000"));
+}
