@@ -554,10 +554,13 @@ pub struct OpenCopy {
     last_ev_id: i64,
 }
 
+/// Refills an open COPY's buffer; says the last ev_id it added, or None to end the COPY.
+pub type MoreRows<'m> = dyn FnMut(&mut Vec<u8>) -> Option<i64> + 'm;
+
 impl OpenCopy {
     /// Runs the COPY; `more` refills its buffer with the next rows and says the last ev_id it
     /// added, or None when the COPY is to end.
-    pub fn run(self, mut more: Option<&mut dyn FnMut(&mut Vec<u8>) -> Option<i64>>) -> Result<(), ApplyError> {
+    pub fn run(self, mut more: Option<&mut MoreRows>) -> Result<(), ApplyError> {
         let columns: Vec<&str> = self.key.columns.iter().map(String::as_str).collect();
         let mut last = self.last_ev_id;
         let mut refill = |buf: &mut Vec<u8>| match more.as_mut().and_then(|m| m(buf)) {

@@ -28,14 +28,15 @@ pub fn push_value(buf: &mut Vec<u8>, v: Option<Encoded>) {
 }
 
 /// Refills the COPY text buffer (handed over empty) once it is used up; false: nothing more.
-pub type More<'m> = &'m mut dyn FnMut(&mut Vec<u8>) -> bool;
+pub type More<'m> = &'m mut Refill<'m>;
+pub type Refill<'m> = dyn FnMut(&mut Vec<u8>) -> bool + 'm;
 
 /// The data being fed to the COPY in progress. The callback has no argument for it, so it is a
 /// process global; a backend runs one COPY at a time.
 struct Feed {
     data: *mut Vec<u8>,
     pos: usize,
-    more: Option<*mut (dyn FnMut(&mut Vec<u8>) -> bool + 'static)>,
+    more: Option<*mut Refill<'static>>,
 }
 static mut FEED: Feed = Feed { data: std::ptr::null_mut(), pos: 0, more: None };
 
@@ -96,9 +97,7 @@ pub fn copy_rows(relid: pg_sys::Oid, columns: &[&str], mut data: Vec<u8>, more: 
         );
         let options = pg_sys::lappend(std::ptr::null_mut(), encoding.cast());
         // SAFETY: FEED is only read by read_feed, during CopyFrom below, while both are alive
-        let more = more.map(|m| {
-            std::mem::transmute::<*mut (dyn FnMut(&mut Vec<u8>) -> bool + '_), *mut dyn FnMut(&mut Vec<u8>) -> bool>(m)
-        });
+        let more = more.map(|m| std::mem::transmute::<*mut Refill<'_>, *mut Refill<'static>>(m));
         FEED = Feed { data: &mut data, pos: 0, more };
         let cstate = pg_sys::BeginCopyFrom(
             pstate,
