@@ -6,7 +6,7 @@
 //! SIGINT stays PostgreSQL's query cancel, which lock and statement timeouts rely on), SIGTERM
 //! stops at once and rolls back (-k), SIGHUP wakes the loop to pick up reloaded settings (-r).
 
-use crate::apply::{caught, in_subtransaction, ApplyError, BatchWriter, EventError};
+use crate::apply::{caught, in_subtransaction, ApplyError, BatchWriter, EventError, OpenCopy};
 use crate::config::{mask_password, JobConfig, LogLevel, OnError};
 use crate::route::Mode;
 use crate::source::{RawEvent, Source};
@@ -110,6 +110,39 @@ pub fn launch(job: &str) -> i32 {
         Ok(pid) => pid,
         Err(status) => error!("cube_dispatcher: the worker for job {job} did not start: {status:?}"),
     }
+}
+
+/// Runs a keep_all COPY that goes on with the following chunks while they continue its table,
+/// so a big batch is one COPY (one ring of shared buffers), not one a chunk. A chunk that does not
+/// continue it ends the COPY and is left in `stash`. Returns the time spent writing, not waiting.
+fn run_continued_copy(
+    source: &mut Source,
+    writer: &mut BatchWriter,
+    copy: OpenCopy,
+    events: &mut i64,
+    stash: &mut Option<Vec<RawEvent<'static>>>,
+) -> Result<Duration, StepError> {
+    let key = copy.key.clone();
+    let copy_started = Instant::now();
+    let mut fetching = Duration::ZERO;
+    let mut more = |buf: &mut Vec<u8>| -> Option<i64> {
+        let fetch_started = Instant::now();
+        let mut writing = Duration::ZERO;
+        let added = source.next_chunk(|chunk| {
+            let write_started = Instant::now();
+            *events += chunk.len() as i64;
+            let added = writer.continue_copy(&key, chunk, buf);
+            if added.is_none() {
+                *stash = Some(chunk.iter().map(RawEvent::to_owned_event).collect());
+            }
+            writing = write_started.elapsed();
+            added
+        });
+        fetching += fetch_started.elapsed().saturating_sub(writing);
+        added.flatten().map(|(_, last)| last)
+    };
+    copy.run(Some(&mut more))?;
+    Ok(copy_started.elapsed().saturating_sub(fetching))
 }
 
 /// Runs `f` in its own transaction. A PostgreSQL error inside becomes Err and the transaction is
@@ -258,30 +291,8 @@ impl Worker {
                         Some(r) => r?,
                     }
                 }
-                // keep_all: the COPY goes on with the following chunks while they continue its
-                // table, so a big batch is one COPY (one ring of shared buffers), not one a chunk
                 if let Some(copy) = open {
-                    let key = copy.key.clone();
-                    let copy_started = Instant::now();
-                    let mut fetching = Duration::ZERO;
-                    let mut more = |buf: &mut Vec<u8>| -> Option<i64> {
-                        let fetch_started = Instant::now();
-                        let mut writing = Duration::ZERO;
-                        let added = source.next_chunk(|chunk| {
-                            let write_started = Instant::now();
-                            events += chunk.len() as i64;
-                            let added = writer.continue_copy(&key, chunk, buf);
-                            if added.is_none() {
-                                stash = Some(chunk.iter().map(RawEvent::to_owned_event).collect());
-                            }
-                            writing = write_started.elapsed();
-                            added
-                        });
-                        fetching += fetch_started.elapsed().saturating_sub(writing);
-                        added.flatten().map(|(_, last)| last)
-                    };
-                    copy.run(Some(&mut more))?;
-                    write_time += copy_started.elapsed().saturating_sub(fetching);
+                    write_time += run_continued_copy(source, &mut writer, copy, &mut events, &mut stash)?;
                 }
             }
             source.close_events();
