@@ -526,11 +526,16 @@ impl<'a> BatchWriter<'a> {
     }
 
     fn statement_error(&self, first: i64, last: i64, part: &Partition, cause: SqlError) -> ApplyError {
-        if first == last {
-            ApplyError::Event { ev_id: first, table: part.qualified.clone(), cause: EventError::Sql(cause) }
-        } else {
-            ApplyError::Statement { first_ev_id: first, last_ev_id: last, table: part.qualified.clone(), cause }
-        }
+        statement_error(first, last, &part.qualified, cause)
+    }
+}
+
+/// A failed statement over events first..=last: about one event when it covered only one.
+fn statement_error(first: i64, last: i64, table: &str, cause: SqlError) -> ApplyError {
+    if first == last {
+        ApplyError::Event { ev_id: first, table: table.to_string(), cause: EventError::Sql(cause) }
+    } else {
+        ApplyError::Statement { first_ev_id: first, last_ev_id: last, table: table.to_string(), cause }
     }
 }
 
@@ -573,13 +578,7 @@ impl OpenCopy {
         let copied = crate::roles::as_role(self.role, || {
             catching(|| Ok(crate::copy_in::copy_rows(self.relid, &columns, self.buf, Some(&mut refill))))
         });
-        copied.map(|_| ()).map_err(|cause| {
-            if self.first_ev_id == last {
-                ApplyError::Event { ev_id: last, table: self.qualified.clone(), cause: EventError::Sql(cause) }
-            } else {
-                ApplyError::Statement { first_ev_id: self.first_ev_id, last_ev_id: last, table: self.qualified, cause }
-            }
-        })
+        copied.map(|_| ()).map_err(|cause| statement_error(self.first_ev_id, last, &self.qualified, cause))
     }
 }
 
