@@ -129,4 +129,65 @@ mod tests {
         );
         assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM cube_dispatcher.status").unwrap(), Some(0));
     }
+
+    #[pg_test]
+    fn every_security_definer_function_pins_its_search_path() {
+        let pinned = format!("search_path={}", crate::roles::SAFE_SEARCH_PATH);
+        let functions = rows(
+            "SELECT p.oid::regprocedure::text || ' ' || coalesce(array_to_string(p.proconfig, ';'), '(none)')
+               FROM pg_proc p JOIN pg_depend d ON d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e'
+               JOIN pg_extension e ON e.oid = d.refobjid
+              WHERE e.extname = 'cube_dispatcher' AND p.prosecdef ORDER BY 1",
+        );
+        assert_eq!(functions.len(), 6, "{functions:?}");
+        for f in functions {
+            assert!(f.ends_with(&format!(" {pinned}")), "{f}");
+        }
+    }
+
+    #[pg_test]
+    fn a_template_runs_restricted_and_leaves_no_setting_behind() {
+        Spi::run("CREATE TABLE orders (id int PRIMARY KEY)").unwrap();
+        let setting = |name: &str| Spi::get_one::<String>(&format!("SELECT current_setting('{name}')")).unwrap();
+        let (path, work_mem) = (setting("search_path"), setting("work_mem"));
+        let cfg = job(
+            Mode::KeepAll,
+            Some("set search_path = public, pg_catalog; select set_config('work_mem', '77MB', false); create table _DEST_TABLE (like _PARENT)"),
+        );
+        BatchWriter::new(&cfg, me(), Some("2026_12_02".into()))
+            .apply(&[ev(1, "I:id", "id=1", "public.orders")])
+            .unwrap();
+        assert_eq!((setting("search_path"), setting("work_mem")), (path, work_mem));
+        let cfg = job(Mode::KeepAll, Some("create temp table _SCHEMA_TABLE (like _PARENT)"));
+        let err = BatchWriter::new(&cfg, me(), Some("2026_12_03".into()))
+            .apply(&[ev(2, "I:id", "id=2", "public.orders")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("security-restricted operation"), "{err}");
+    }
+
+    #[pg_test]
+    fn unreadable_stored_values_stop_instead_of_becoming_defaults() {
+        Spi::run(
+            "INSERT INTO cube_dispatcher.job (job_name, src_db, pgq_queue_name, pgq_consumer_id, mode, dateformat,
+                    loop_delay, connection_lifetime, log_level, run_as, enabled)
+             VALUES ('j', 'dbname=x', 'q', 'j', 'keep_all', '', 1, 1, 'normal', 10, true);
+             ALTER TABLE cube_dispatcher.job DROP CONSTRAINT job_mode_check, DROP CONSTRAINT job_log_level_check,
+                   DROP CONSTRAINT job_on_error_check",
+        )
+        .unwrap();
+        assert!(crate::state::load_job("j").unwrap().is_some());
+        let cases = [
+            ("mode", "keep_some", "'keep_all'"),
+            ("log_level", "loud", "'normal'"),
+            ("on_error", "ignore", "'retry'"),
+            ("tables", "public.", "NULL"),
+        ];
+        for (column, bad, good) in cases {
+            Spi::run(&format!("UPDATE cube_dispatcher.job SET {column} = '{bad}'")).unwrap();
+            let err = crate::state::load_job("j").err().unwrap_or_else(|| panic!("{column} = {bad} was accepted"));
+            assert_eq!((err.column, err.value.as_str()), (column, bad));
+            Spi::run(&format!("UPDATE cube_dispatcher.job SET {column} = {good}")).unwrap();
+        }
+    }
 }

@@ -1,8 +1,8 @@
 //! The SQL-facing control functions. The original tool's switches map to them: -d start,
 //! -s stop (SIGUSR2: after the current batch), -k kill (SIGTERM: at once), -r reload (SIGHUP).
 
-use crate::apply::{in_subtransaction, BatchWriter};
-use crate::config::{self, mask_password, JobConfig, OPTIONS};
+use crate::apply::{in_subtransaction, BatchWriter, SqlError};
+use crate::config::{self, mask_password, ConfigError, JobConfig, OPTIONS};
 use crate::roles;
 use crate::source::{RawEvent, Source};
 use crate::state;
@@ -10,6 +10,55 @@ use crate::worker;
 use pgrx::prelude::*;
 use std::borrow::Cow;
 use std::time::Duration;
+use thiserror::Error;
+
+/// What the control functions refuse, each raised once, at the SQL edge, with a SQLSTATE a
+/// client can tell apart.
+#[derive(Debug, Error)]
+enum ApiError {
+    #[error("cube_dispatcher: {0}")]
+    BadJobName(ConfigError),
+    #[error("cube_dispatcher job {job}: {err}")]
+    Config { job: String, err: ConfigError },
+    #[error("cube_dispatcher job {0} does not exist")]
+    UnknownJob(String),
+    #[error("cube_dispatcher: permission denied for job {job}: it belongs to role {owner}")]
+    NotOwner { job: String, owner: String },
+    #[error("cube_dispatcher job {job} is already running (pid {pid})")]
+    Running { job: String, pid: i32 },
+    /// `consumer`: "consumer C on queue Q in <masked src_db>"
+    #[error("cube_dispatcher job {job}: cannot register {consumer}: {cause}")]
+    Register { job: String, consumer: String, cause: Box<SqlError> },
+    #[error("cube_dispatcher: {0}")]
+    Stored(#[from] state::Unreadable),
+    #[error("cube_dispatcher: {0}")]
+    Launch(#[from] worker::LaunchError),
+}
+
+impl ApiError {
+    fn sqlstate(&self) -> PgSqlErrorCode {
+        use PgSqlErrorCode::*;
+        match self {
+            ApiError::BadJobName(_) => ERRCODE_INVALID_NAME,
+            ApiError::Config { .. } | ApiError::Stored(_) => ERRCODE_INVALID_PARAMETER_VALUE,
+            ApiError::UnknownJob(_) => ERRCODE_UNDEFINED_OBJECT,
+            ApiError::NotOwner { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
+            ApiError::Running { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            // as dblink or the source reported it: 08001 for an unreachable source
+            ApiError::Register { cause, .. } => cause.code,
+            ApiError::Launch(e) => e.sqlstate(),
+        }
+    }
+
+    fn raise(self) -> ! {
+        ereport!(ERROR, self.sqlstate(), self.to_string());
+    }
+}
+
+/// The body of a control function: an ApiError becomes the SQL error.
+fn edge<R>(f: impl FnOnce() -> Result<R, ApiError>) -> R {
+    f().unwrap_or_else(|e| e.raise())
+}
 
 fn setting(name: &str) -> Option<String> {
     crate::spi::value::<String>("SELECT current_setting($1, true)", &[name.into()])
@@ -17,10 +66,8 @@ fn setting(name: &str) -> Option<String> {
 
 /// Reads the job's settings as this session sees them (job level, then the global default) and
 /// validates them; errors name the GUC.
-fn read_config(job: &str) -> JobConfig {
-    if let Err(e) = config::validate_job_name(job) {
-        error!("cube_dispatcher: {e}");
-    }
+fn read_config(job: &str) -> Result<JobConfig, ApiError> {
+    config::validate_job_name(job).map_err(ApiError::BadJobName)?;
     let mut found = Vec::new();
     for opt in OPTIONS {
         let job_level = config::job_guc(job, opt);
@@ -30,7 +77,7 @@ fn read_config(job: &str) -> JobConfig {
     }
     let lookup = |opt: &str| found.iter().find(|(o, _)| o == opt).and_then(|(_, v)| v.clone());
     let db = Spi::get_one::<String>("SELECT current_database()::text").ok().flatten().unwrap_or_default();
-    JobConfig::from_settings(job, &lookup, &db).unwrap_or_else(|e| error!("cube_dispatcher job {job}: {e}"))
+    JobConfig::from_settings(job, &lookup, &db).map_err(|err| ApiError::Config { job: job.to_string(), err })
 }
 
 fn signal(pid: i32, sig: i32) {
@@ -40,81 +87,93 @@ fn signal(pid: i32, sig: i32) {
 
 /// Waits until the process is gone, still answering to query cancel.
 fn wait_gone(pid: i32) {
+    // SAFETY: kill(2) with signal 0 only checks that the process exists
     while unsafe { libc::kill(pid, 0) } == 0 {
         std::thread::sleep(Duration::from_millis(50));
         pg_sys::check_for_interrupts!();
     }
 }
 
-/// The job's definition, if the caller may manage it (its owner, a member of the owner's role,
-/// or a superuser); an error otherwise.
-fn own_job(job: &str) -> Option<state::JobRow> {
-    let row = state::load_job(job)?;
-    let caller = roles::caller();
-    if !roles::may_manage(caller, row.run_as) {
-        error!("cube_dispatcher: permission denied for job {job}: it belongs to role {}", roles::name(row.run_as));
+/// Whether the job exists; an error if it does and the caller may not manage it (only its
+/// owner, a member of the owner's role, or a superuser may).
+fn may_manage(job: &str) -> Result<bool, ApiError> {
+    let Some(owner) = state::job_owner(job) else { return Ok(false) };
+    if !roles::may_manage(roles::caller(), owner) {
+        return Err(ApiError::NotOwner { job: job.to_string(), owner: roles::name(owner) });
     }
-    Some(row)
+    Ok(true)
 }
 
-fn existing_job(job: &str) -> state::JobRow {
-    own_job(job).unwrap_or_else(|| error!("cube_dispatcher job {job} does not exist"))
+/// The job's definition, if it exists and the caller may manage it.
+fn existing_job(job: &str) -> Result<state::JobRow, ApiError> {
+    if !may_manage(job)? {
+        return Err(ApiError::UnknownJob(job.to_string()));
+    }
+    state::load_job(job)?.ok_or_else(|| ApiError::UnknownJob(job.to_string()))
 }
 
 /// Reads and validates the job's settings, stores them as its definition, starts its worker and
 /// returns the worker's pid. The worker starts work when this transaction commits; it reads the
 /// source and writes rows with the privileges of the role calling start().
 #[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
 fn start(job: &str) -> i32 {
-    own_job(job);
-    if let Some(pid) = state::live_pid(job) {
-        error!("cube_dispatcher job {job} is already running (pid {pid})");
-    }
-    let cfg = read_config(job);
-    let role = roles::caller();
-    // Registering here, not only in the worker, makes the contract simple: every event queued
-    // after start() returns is delivered. It also proves src_db and the queue are usable.
-    let registered = crate::apply::catching(|| {
-        let mut source = Source::new(role, &cfg.src_db, Duration::from_secs(60));
-        source.register(&cfg.pgq_queue_name, &cfg.pgq_consumer_id);
-        source.disconnect();
-        Ok(())
-    });
-    if let Err(cause) = registered {
-        error!(
-            "cube_dispatcher job {job}: cannot register consumer {} on queue {} in {}: {cause}",
-            cfg.pgq_consumer_id,
-            cfg.pgq_queue_name,
-            mask_password(&cfg.src_db)
-        );
-    }
-    state::save_job(&cfg, role);
-    worker::launch(job)
+    edge(|| {
+        may_manage(job)?;
+        if let Some(pid) = state::live_pid(job) {
+            return Err(ApiError::Running { job: job.to_string(), pid });
+        }
+        let cfg = read_config(job)?;
+        let role = roles::caller();
+        // Registering here, not only in the worker, makes the contract simple: every event queued
+        // after start() returns is delivered. It also proves src_db and the queue are usable.
+        crate::apply::catching(|| {
+            let mut source = Source::new(role, &cfg.src_db, Duration::from_secs(60));
+            source.register(&cfg.pgq_queue_name, &cfg.pgq_consumer_id);
+            source.disconnect();
+            Ok(())
+        })
+        .map_err(|cause| ApiError::Register {
+            job: job.to_string(),
+            consumer: format!(
+                "consumer {} on queue {} in {}",
+                cfg.pgq_consumer_id,
+                cfg.pgq_queue_name,
+                mask_password(&cfg.src_db)
+            ),
+            cause: Box::new(cause),
+        })?;
+        state::save_job(&cfg, role);
+        Ok(worker::launch(job)?)
+    })
 }
 
 /// Re-reads and validates the settings; the worker applies them before its next batch.
 /// Invalid settings fail here and the worker keeps the ones it has.
 #[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
 fn reload(job: &str) -> bool {
-    let Some(old) = own_job(job) else {
-        error!("cube_dispatcher job {job} does not exist; use cube_dispatcher.start('{job}')");
-    };
-    let cfg = read_config(job);
-    state::save_job(&cfg, old.run_as);
-    if !old.enabled {
-        state::set_enabled(job, false);
-    }
-    match state::live_pid(job) {
-        Some(pid) => {
-            signal(pid, libc::SIGHUP);
-            true
+    edge(|| {
+        let old = existing_job(job)?;
+        let cfg = read_config(job)?;
+        state::save_job(&cfg, old.run_as);
+        if !old.enabled {
+            state::set_enabled(job, false);
         }
-        None => false,
-    }
+        Ok(match state::live_pid(job) {
+            Some(pid) => {
+                signal(pid, libc::SIGHUP);
+                true
+            }
+            None => false,
+        })
+    })
 }
 
-fn halt(job: &str, sig: i32) -> bool {
-    existing_job(job);
+fn halt(job: &str, sig: i32) -> Result<bool, ApiError> {
+    if !may_manage(job)? {
+        return Err(ApiError::UnknownJob(job.to_string()));
+    }
     state::set_enabled(job, false);
     let pid = state::live_pid(job);
     if let Some(pid) = pid {
@@ -122,32 +181,37 @@ fn halt(job: &str, sig: i32) -> bool {
         wait_gone(pid);
     }
     state::set_stopped(job, None);
-    pid.is_some()
+    Ok(pid.is_some())
 }
 
 /// Stops safely: the batch in progress is completed, then the worker exits. Returns false if the
 /// job was not running.
 #[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
 fn stop(job: &str) -> bool {
-    halt(job, libc::SIGUSR2)
+    edge(|| halt(job, libc::SIGUSR2))
 }
 
 /// Stops at once: the batch in progress is rolled back and done again on the next start.
 #[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
 fn kill(job: &str) -> bool {
-    halt(job, libc::SIGTERM)
+    edge(|| halt(job, libc::SIGTERM))
 }
 
 /// Stops the job, unregisters its consumer on the source and forgets the job.
 #[pg_extern(security_definer, name = "drop")]
+#[search_path(pg_catalog, pg_temp)]
 fn drop_job(job: &str) -> bool {
-    let row = existing_job(job);
-    halt(job, libc::SIGUSR2);
-    let mut source = Source::new(row.run_as, &row.config.src_db, Duration::from_secs(60));
-    source.unregister(&row.config.pgq_queue_name, &row.config.pgq_consumer_id);
-    source.disconnect();
-    crate::spi::run("DELETE FROM cube_dispatcher.job WHERE job_name = $1", &[job.into()]);
-    true
+    edge(|| {
+        let row = existing_job(job)?;
+        halt(job, libc::SIGUSR2)?;
+        let mut source = Source::new(row.run_as, &row.config.src_db, Duration::from_secs(60));
+        source.unregister(&row.config.pgq_queue_name, &row.config.pgq_consumer_id);
+        source.disconnect();
+        crate::spi::run("DELETE FROM cube_dispatcher.job WHERE job_name = $1", &[job.into()]);
+        Ok(true)
+    })
 }
 
 /// A connection string with any password replaced by ********.
@@ -160,8 +224,9 @@ pub fn mask_password_sql(conninfo: &str) -> String {
 /// the partition of the batch they came from. Those that succeed are removed; the others keep
 /// their row with the new error. Returns how many were written.
 #[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
 fn replay_dead_letters(job: &str) -> i64 {
-    let row = existing_job(job);
+    let row = edge(|| existing_job(job));
     let letters: Vec<(i64, Option<String>, RawEvent<'static>)> = Spi::connect(|c| {
         let rows = c.select(
             "SELECT id, suffix, ev_id, ev_time::text, ev_type, ev_data, ev_extra1

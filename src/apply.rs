@@ -17,13 +17,21 @@ use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 use thiserror::Error;
 
-/// A PostgreSQL error caught while writing. `transient` errors (lost connections, lock timeouts,
-/// deadlocks, shutdown, resource shortages) say nothing about the event: they fail the batch,
-/// never an event.
+/// A PostgreSQL error caught while writing, with its SQLSTATE. `transient` errors (lost
+/// connections, lock timeouts, deadlocks, shutdown, resource shortages) say nothing about the
+/// event: they fail the batch, never an event.
 #[derive(Debug, Clone)]
 pub struct SqlError {
     pub message: String,
+    pub code: pg_sys::errcodes::PgSqlErrorCode,
     pub transient: bool,
+}
+
+impl SqlError {
+    /// An SPI-level failure (not a PostgreSQL error): a bug here, never the data's fault.
+    fn internal(e: pgrx::spi::Error) -> SqlError {
+        SqlError { message: e.to_string(), code: PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, transient: false }
+    }
 }
 
 impl std::fmt::Display for SqlError {
@@ -139,7 +147,7 @@ pub struct BatchWriter<'a> {
 /// Runs one SQL statement; a PostgreSQL error becomes an Err so the caller can say which events
 /// and table it was about. The transaction is aborted by the caller right after.
 fn run_sql(sql: &str, args: &[DatumWithOid]) -> Result<(), SqlError> {
-    catching(|| Spi::run_with_args(sql, args).map_err(|e| SqlError { message: e.to_string(), transient: false }))
+    catching(|| Spi::run_with_args(sql, args).map_err(SqlError::internal))
 }
 
 /// Runs `f`; a PostgreSQL error raised inside becomes Err(message). Only for code that ends its
@@ -150,11 +158,12 @@ pub fn catching<R>(f: impl FnOnce() -> Result<R, SqlError>) -> Result<R, SqlErro
 
 pub fn caught(e: &pg_sys::panic::CaughtError) -> SqlError {
     use pg_sys::panic::CaughtError::*;
-    let transient = match e {
-        PostgresError(r) | ErrorReport(r) => transient_class(r.sql_error_code()),
-        RustPanic { .. } => false,
+    let code = match e {
+        PostgresError(r) | ErrorReport(r) => r.sql_error_code(),
+        RustPanic { .. } => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
     };
-    SqlError { message: caught_message(e), transient }
+    let transient = !matches!(e, RustPanic { .. }) && transient_class(code);
+    SqlError { message: caught_message(e), code, transient }
 }
 
 /// Runs `f` in a subtransaction: on any error (raised or returned) only its work is rolled back.
@@ -396,7 +405,9 @@ impl<'a> BatchWriter<'a> {
                     return Err(EventError::NoParent(parent_q));
                 }
                 let ddl = route::render_template(template, dest, parent, pkey, &quote_ident);
-                run_sql(&ddl, &[]).map_err(|cause| EventError::Template { table: qualified.clone(), cause })?;
+                // a nest of its own: whatever the template SETs ends with it (see roles::as_role)
+                crate::roles::as_role(self.role, || run_sql(&ddl, &[]))
+                    .map_err(|cause| EventError::Template { table: qualified.clone(), cause })?;
                 self.created.push(qualified.clone());
             }
         }
@@ -419,7 +430,7 @@ impl<'a> BatchWriter<'a> {
             }
             Ok::<_, pgrx::spi::Error>(m)
         })
-        .map_err(|e| EventError::Sql(SqlError { message: e.to_string(), transient: false }))?;
+        .map_err(|e| EventError::Sql(SqlError::internal(e)))?;
         Ok(Partition {
             qualified,
             relid: oid,

@@ -99,6 +99,8 @@ pub extern "C-unwind" fn cube_dispatcher_resume_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(arg.value() as u32)), None);
     let jobs: Vec<String> = BackgroundWorker::transaction(|| {
+        // this session runs as a superuser: the database's search_path must not reach it
+        crate::roles::pin_search_path();
         let installed: Option<bool> =
             crate::spi::value("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'cube_dispatcher')", &[]);
         if installed != Some(true) {
@@ -118,8 +120,10 @@ pub extern "C-unwind" fn cube_dispatcher_resume_main(arg: pg_sys::Datum) {
     for job in jobs {
         let running = BackgroundWorker::transaction(|| state::live_pid(&job));
         if running.is_none() {
-            let pid = BackgroundWorker::transaction(|| worker::launch(&job));
-            log!("cube_dispatcher: resumed job {job} (pid {pid})");
+            match BackgroundWorker::transaction(|| worker::launch(&job)) {
+                Ok(pid) => log!("cube_dispatcher: resumed job {job} (pid {pid})"),
+                Err(e) => warning!("cube_dispatcher: cannot resume job {job}: {e}"),
+            }
         }
     }
 }

@@ -1,6 +1,9 @@
 //! Everything that talks to the source database, through dblink called over SPI. The only module
 //! that knows dblink. Remote statements are built by PostgreSQL's format() with %L/%s of values
-//! that are parameters here, never by pasting text in Rust.
+//! that are parameters here, never by pasting text in Rust. dblink's functions are called by
+//! their schema-qualified names (dblink is relocatable and usually lives in `public`, where other
+//! roles may create look-alikes), and the remote session gets the same pinned search_path as
+//! ours (see roles.rs): the events query PgQ builds names some built-ins without a schema.
 
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
@@ -65,6 +68,18 @@ pub struct Source {
     fetch_in_flight: bool,
     /// the size of the FETCH in flight: a shorter answer means the cursor is exhausted
     asked: usize,
+    /// dblink's schema as an identifier; looked up again for every new connection
+    dblink: Option<String>,
+}
+
+/// The schema dblink is installed in, quoted as an identifier.
+fn dblink_schema() -> String {
+    crate::spi::value::<String>(
+        "SELECT quote_ident(n.nspname::text) FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
+          WHERE e.extname = 'dblink'",
+        &[],
+    )
+    .unwrap_or_else(|| error!("cube_dispatcher: the dblink extension is not installed in this database"))
 }
 
 impl Source {
@@ -85,7 +100,14 @@ impl Source {
             cursor_open: false,
             fetch_in_flight: false,
             asked: 0,
+            dblink: None,
         }
+    }
+
+    /// `sql` with `dblink.` replaced by dblink's schema: every call below names it.
+    fn dblink(&mut self, sql: &str) -> String {
+        let schema = self.dblink.get_or_insert_with(dblink_schema);
+        sql.replace("dblink.", &format!("{schema}."))
     }
 
     /// Takes new settings; a changed connection string applies from the next connect (which
@@ -108,7 +130,11 @@ impl Source {
         // a connection of that name may be left in this session by an earlier failed call
         self.disconnect();
         // dblink reports a failed connection with libpq's message, which never contains the password.
-        self.run("SELECT dblink_connect($1, $2)", &[CONN.into(), self.conninfo.as_str().into()]);
+        let sql = self.dblink("SELECT dblink.dblink_connect($1, $2)");
+        self.run(&sql, &[CONN.into(), self.conninfo.as_str().into()]);
+        let sql = self.dblink("SELECT dblink.dblink_exec($1, $2)");
+        let pin = format!("SET search_path TO {}", crate::roles::SAFE_SEARCH_PATH);
+        self.run(&sql, &[CONN.into(), pin.as_str().into()]);
         self.opened_at = Some(Instant::now());
         self.cursor_open = false;
         self.fetch_in_flight = false;
@@ -117,10 +143,11 @@ impl Source {
     /// Drops the connection (and with it any remote transaction and cursor). Safe to call at any
     /// time, also after an error: it only acts if the connection exists.
     pub fn disconnect(&mut self) {
-        self.run(
-            "SELECT dblink_disconnect($1) WHERE $1 = ANY (coalesce(dblink_get_connections(), '{}'))",
-            &[CONN.into()],
+        let sql = self.dblink(
+            "SELECT dblink.dblink_disconnect($1) WHERE $1 = ANY (coalesce(dblink.dblink_get_connections(), '{}'))",
         );
+        self.run(&sql, &[CONN.into()]);
+        self.dblink = None;
         self.opened_at = None;
         self.cursor_open = false;
         self.fetch_in_flight = false;
@@ -129,18 +156,18 @@ impl Source {
     /// pgq.register_consumer is a no-op for a consumer that exists.
     pub fn register(&mut self, queue: &str, consumer: &str) {
         self.connect();
-        let _: Option<i32> = self.value(
-            "SELECT r FROM dblink($1, format('select pgq.register_consumer(%L, %L)', $2::text, $3::text)) AS t(r int)",
-            &[CONN.into(), queue.into(), consumer.into()],
+        let sql = self.dblink(
+            "SELECT r FROM dblink.dblink($1, format('select pgq.register_consumer(%L, %L)', $2::text, $3::text)) AS t(r int)",
         );
+        let _: Option<i32> = self.value(&sql, &[CONN.into(), queue.into(), consumer.into()]);
     }
 
     pub fn unregister(&mut self, queue: &str, consumer: &str) {
         self.connect();
-        let _: Option<i32> = self.value(
-            "SELECT r FROM dblink($1, format('select pgq.unregister_consumer(%L, %L)', $2::text, $3::text)) AS t(r int)",
-            &[CONN.into(), queue.into(), consumer.into()],
+        let sql = self.dblink(
+            "SELECT r FROM dblink.dblink($1, format('select pgq.unregister_consumer(%L, %L)', $2::text, $3::text)) AS t(r int)",
         );
+        let _: Option<i32> = self.value(&sql, &[CONN.into(), queue.into(), consumer.into()]);
     }
 
     /// The next batch with everything needed to process it, in one round trip: its ticks, end
@@ -148,21 +175,20 @@ impl Source {
     /// and the SQL that selects its events. None when there is no batch.
     pub fn next_batch(&mut self, queue: &str, consumer: &str, dateformat: Option<&str>) -> Option<BatchInfo> {
         self.connect();
-        crate::roles::as_role(self.role, || {
-            Spi::connect(|c| {
-                let rows = c.select(
-                    "SELECT id, prev_tick_id, tick_id, batch_end::text, suffix, lag::text, events_sql
-                   FROM dblink($1, format(
+        let sql = self.dblink(
+            "SELECT id, prev_tick_id, tick_id, batch_end::text, suffix, lag::text, events_sql
+               FROM dblink.dblink($1, format(
                         'select b.id, i.prev_tick_id, i.tick_id, i.batch_end, to_char(i.batch_end, %L), i.lag,
                                 case when b.id is not null then pgq.batch_event_sql(b.id) end
                            from (select pgq.next_batch(%L, %L) as id) b
                            left join lateral pgq.get_batch_info(b.id) i on b.id is not null',
                         coalesce($4, ''), $2::text, $3::text))
                      AS t(id bigint, prev_tick_id bigint, tick_id bigint, batch_end timestamptz, suffix text,
-                          lag interval, events_sql text)",
-                    Some(1),
-                    &[CONN.into(), queue.into(), consumer.into(), dateformat.into()],
-                )?;
+                      lag interval, events_sql text)",
+        );
+        crate::roles::as_role(self.role, || {
+            Spi::connect(|c| {
+                let rows = c.select(&sql, Some(1), &[CONN.into(), queue.into(), consumer.into(), dateformat.into()])?;
                 let row = rows.first();
                 let Some(batch_id) = row.get::<i64>(1)? else { return Ok(None) };
                 Ok::<_, pgrx::spi::Error>(Some(BatchInfo {
@@ -191,20 +217,18 @@ impl Source {
         self.connect();
         self.close_events();
         let sql = if ordered { batch.events_sql.as_str() } else { batch.events_sql.trim_end_matches(" order by 1") };
-        self.run(
-            "SELECT dblink_open($1, $2, format('select ev_id, %s, ev_type, ev_data, ev_extra1 from (%s) e',
-                                               CASE WHEN $4 THEN 'ev_time' ELSE 'null::timestamptz' END, $3::text))",
-            &[CONN.into(), CURSOR.into(), sql.into(), with_time.into()],
+        let open = self.dblink(
+            "SELECT dblink.dblink_open($1, $2, format('select ev_id, %s, ev_type, ev_data, ev_extra1 from (%s) e',
+                                                      CASE WHEN $4 THEN 'ev_time' ELSE 'null::timestamptz' END, $3::text))",
         );
+        self.run(&open, &[CONN.into(), CURSOR.into(), sql.into(), with_time.into()]);
         self.cursor_open = true;
         self.send_fetch(FIRST_CHUNK);
     }
 
     fn send_fetch(&mut self, n: usize) {
-        let _: Option<i32> = self.value(
-            "SELECT dblink_send_query($1, format('FETCH %s FROM %I', $2::int, $3::text))",
-            &[CONN.into(), (n as i32).into(), CURSOR.into()],
-        );
+        let sql = self.dblink("SELECT dblink.dblink_send_query($1, format('FETCH %s FROM %I', $2::int, $3::text))");
+        let _: Option<i32> = self.value(&sql, &[CONN.into(), (n as i32).into(), CURSOR.into()]);
         self.fetch_in_flight = true;
         self.asked = n;
     }
@@ -218,28 +242,28 @@ impl Source {
         }
         let role = self.role;
         let asked = self.asked;
-        crate::roles::as_role(role, || {
-            Spi::connect(|c| {
-                c.select(
-                    // ev_time as text: it is only kept for dead letters, so it is not parsed per event
-                    "SELECT ev_id, ev_time, ev_type, ev_data, ev_extra1 FROM dblink_get_result($1)
-                       AS t(ev_id bigint, ev_time text, ev_type text, ev_data text, ev_extra1 text)",
-                    None,
-                    &[CONN.into()],
-                )?;
-                // SAFETY: the result stays until this Spi::connect ends, after `write`
-                let events = unsafe { borrow_events(pg_sys::SPI_tuptable, pg_sys::SPI_processed as usize) };
-                // dblink needs one more dblink_get_result after each result to free the connection
-                self.run("SELECT * FROM dblink_get_result($1) AS t(ev_id bigint)", &[CONN.into()]);
-                self.fetch_in_flight = false;
-                if events.is_empty() {
-                    return Ok(None);
-                }
-                if events.len() == asked {
-                    self.send_fetch(CHUNK);
-                }
-                Ok::<_, pgrx::spi::Error>(Some(write(&events)))
-            })
+        // ev_time as text: it is only kept for dead letters, so it is not parsed per event
+        let get = self.dblink(
+            "SELECT ev_id, ev_time, ev_type, ev_data, ev_extra1 FROM dblink.dblink_get_result($1)
+               AS t(ev_id bigint, ev_time text, ev_type text, ev_data text, ev_extra1 text)",
+        );
+        // dblink needs one more dblink_get_result after each result to free the connection
+        let release = self.dblink("SELECT * FROM dblink.dblink_get_result($1) AS t(ev_id bigint)");
+        Spi::connect(|c| {
+            crate::roles::as_role(role, || c.select(&get, None, &[CONN.into()]))?;
+            // SAFETY: the result stays until this Spi::connect ends, after `write`
+            let events = unsafe { borrow_events(pg_sys::SPI_tuptable, pg_sys::SPI_processed as usize) };
+            self.run(&release, &[CONN.into()]);
+            self.fetch_in_flight = false;
+            if events.is_empty() {
+                return Ok(None);
+            }
+            if events.len() == asked {
+                self.send_fetch(CHUNK);
+            }
+            // not as the job's role: the writer switches to it itself, and the bookkeeping in
+            // `write` (dead letters) needs the worker's own rights
+            Ok::<_, pgrx::spi::Error>(Some(write(&events)))
         })
         .unwrap_or_else(|e| crate::spi::fail(e))
     }
@@ -248,35 +272,37 @@ impl Source {
     pub fn close_events(&mut self) {
         if self.fetch_in_flight {
             // a FETCH nobody will read: take its result and the closing empty one
-            self.run(
-                "SELECT * FROM dblink_get_result($1) AS t(ev_id bigint, ev_time text, ev_type text, ev_data text, ev_extra1 text)",
-                &[CONN.into()],
+            let get = self.dblink(
+                "SELECT * FROM dblink.dblink_get_result($1)
+                   AS t(ev_id bigint, ev_time text, ev_type text, ev_data text, ev_extra1 text)",
             );
-            self.run("SELECT * FROM dblink_get_result($1) AS t(ev_id bigint)", &[CONN.into()]);
+            self.run(&get, &[CONN.into()]);
+            let release = self.dblink("SELECT * FROM dblink.dblink_get_result($1) AS t(ev_id bigint)");
+            self.run(&release, &[CONN.into()]);
             self.fetch_in_flight = false;
         }
         if self.cursor_open {
-            self.run("SELECT dblink_close($1, $2)", &[CONN.into(), CURSOR.into()]);
+            let sql = self.dblink("SELECT dblink.dblink_close($1, $2)");
+            self.run(&sql, &[CONN.into(), CURSOR.into()]);
             self.cursor_open = false;
         }
     }
 
     pub fn finish_batch(&mut self, batch_id: i64) {
         self.connect();
-        let _: Option<i32> = self.value(
-            "SELECT r FROM dblink($1, format('select pgq.finish_batch(%s)', $2::bigint)) AS t(r int)",
-            &[CONN.into(), batch_id.into()],
-        );
+        let sql = self
+            .dblink("SELECT r FROM dblink.dblink($1, format('select pgq.finish_batch(%s)', $2::bigint)) AS t(r int)");
+        let _: Option<i32> = self.value(&sql, &[CONN.into(), batch_id.into()]);
     }
 
     /// pgq.get_consumer_info's lag, for status; None when the consumer is not registered.
     pub fn consumer_lag(&mut self, queue: &str, consumer: &str) -> Option<String> {
         self.connect();
-        self.value(
-            "SELECT lag::text FROM dblink($1, format('select lag from pgq.get_consumer_info(%L, %L)', $2::text, $3::text))
+        let sql = self.dblink(
+            "SELECT lag::text FROM dblink.dblink($1, format('select lag from pgq.get_consumer_info(%L, %L)', $2::text, $3::text))
                AS t(lag interval)",
-            &[CONN.into(), queue.into(), consumer.into()],
-        )
+        );
+        self.value(&sql, &[CONN.into(), queue.into(), consumer.into()])
     }
 }
 

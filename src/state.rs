@@ -6,6 +6,7 @@ use crate::route::Mode;
 use crate::source::BatchInfo;
 use crate::source::RawEvent;
 use pgrx::prelude::*;
+use thiserror::Error;
 
 /// A stored job definition.
 pub struct JobRow {
@@ -15,8 +16,23 @@ pub struct JobRow {
     pub config_version: i64,
 }
 
-pub fn load_job(job: &str) -> Option<JobRow> {
-    Spi::connect(|c| {
+/// A stored definition that does not read back. The job must not run on a guess: a `tables`
+/// list taken for "no list" would allow every table.
+#[derive(Debug, Error)]
+#[error("the stored definition of job {job} is unreadable: {column} = {value:?}; call cube_dispatcher.start('{job}') to store valid settings")]
+pub struct Unreadable {
+    pub job: String,
+    pub column: &'static str,
+    pub value: String,
+}
+
+/// The role that owns the job (started it), if the job exists.
+pub fn job_owner(job: &str) -> Option<pg_sys::Oid> {
+    crate::spi::value("SELECT run_as FROM cube_dispatcher.job WHERE job_name = $1", &[job.into()])
+}
+
+pub fn load_job(job: &str) -> Result<Option<JobRow>, Unreadable> {
+    let row = Spi::connect(|c| {
         let rows = c.select(
             "SELECT src_db, pgq_queue_name, pgq_consumer_id, mode, dateformat, part_template,
                     loop_delay, connection_lifetime, log_level, enabled, run_as, config_version, on_error, tables, lock_timeout
@@ -28,29 +44,48 @@ pub fn load_job(job: &str) -> Option<JobRow> {
             return Ok(None);
         }
         let r = rows.first();
-        let dateformat: String = r.get(5)?.unwrap_or_default();
-        Ok::<_, pgrx::spi::Error>(Some(JobRow {
-            config: JobConfig {
-                job_name: job.to_string(),
-                src_db: r.get(1)?.unwrap_or_default(),
-                pgq_queue_name: r.get(2)?.unwrap_or_default(),
-                pgq_consumer_id: r.get(3)?.unwrap_or_default(),
-                mode: Mode::parse(&r.get::<String>(4)?.unwrap_or_default()).unwrap_or(Mode::KeepLatest),
-                dateformat: (!dateformat.is_empty()).then_some(dateformat),
-                part_template: r.get(6)?,
-                loop_delay: r.get(7)?.unwrap_or(1.0),
-                connection_lifetime: r.get(8)?.unwrap_or(1200.0),
-                log_level: LogLevel::parse(&r.get::<String>(9)?.unwrap_or_default()).unwrap_or(LogLevel::Normal),
-                on_error: OnError::parse(&r.get::<String>(13)?.unwrap_or_default()).unwrap_or(OnError::Retry),
-                tables: r.get::<String>(14)?.and_then(|t| TableList::parse(&t)),
-                lock_timeout: r.get(15)?.unwrap_or(60.0),
-            },
-            enabled: r.get(10)?.unwrap_or(false),
-            run_as: r.get(11)?.unwrap_or(pg_sys::InvalidOid),
-            config_version: r.get(12)?.unwrap_or(0),
-        }))
+        let text = |i| r.get::<String>(i).map(Option::unwrap_or_default);
+        Ok::<_, pgrx::spi::Error>(Some((
+            [text(1)?, text(2)?, text(3)?, text(4)?, text(5)?, text(9)?, text(13)?],
+            r.get::<String>(6)?,
+            r.get::<String>(14)?,
+            [r.get::<f64>(7)?, r.get::<f64>(8)?, r.get::<f64>(15)?],
+            (r.get::<bool>(10)?, r.get::<pg_sys::Oid>(11)?, r.get::<i64>(12)?),
+        )))
     })
-    .unwrap_or_else(|e| crate::spi::fail(e))
+    .unwrap_or_else(|e| crate::spi::fail(e));
+    let Some(([src_db, queue, consumer, mode, dateformat, log_level, on_error], part_template, tables, secs, flags)) =
+        row
+    else {
+        return Ok(None);
+    };
+    let unreadable = |column, value: &str| Unreadable { job: job.to_string(), column, value: value.to_string() };
+    let tables = match tables {
+        None => None,
+        Some(t) => Some(TableList::parse(&t).ok_or_else(|| unreadable("tables", &t))?),
+    };
+    let [loop_delay, connection_lifetime, lock_timeout] = secs;
+    let seconds = |column, v: Option<f64>| v.ok_or_else(|| unreadable(column, "NULL"));
+    Ok(Some(JobRow {
+        config: JobConfig {
+            job_name: job.to_string(),
+            src_db,
+            pgq_queue_name: queue,
+            pgq_consumer_id: consumer,
+            mode: Mode::parse(&mode).ok_or_else(|| unreadable("mode", &mode))?,
+            dateformat: (!dateformat.is_empty()).then_some(dateformat),
+            part_template,
+            loop_delay: seconds("loop_delay", loop_delay)?,
+            connection_lifetime: seconds("connection_lifetime", connection_lifetime)?,
+            log_level: LogLevel::parse(&log_level).ok_or_else(|| unreadable("log_level", &log_level))?,
+            on_error: OnError::parse(&on_error).ok_or_else(|| unreadable("on_error", &on_error))?,
+            tables,
+            lock_timeout: seconds("lock_timeout", lock_timeout)?,
+        },
+        enabled: flags.0.unwrap_or(false),
+        run_as: flags.1.unwrap_or(pg_sys::InvalidOid),
+        config_version: flags.2.unwrap_or(0),
+    }))
 }
 
 pub fn config_version(job: &str) -> Option<i64> {

@@ -32,6 +32,9 @@ enum StepError {
     LostPosition { batch_id: i64, prev_tick: i64, applied: i64 },
     #[error("{0}")]
     Server(String),
+    /// Not retried: the job stops (see `refuse_to_run`).
+    #[error(transparent)]
+    Unreadable(#[from] state::Unreadable),
     #[error("batch {batch_id}: {inner}")]
     InBatch { batch_id: i64, inner: Box<StepError> },
 }
@@ -90,8 +93,26 @@ impl std::fmt::Display for Phases {
     }
 }
 
+#[derive(Debug, Error)]
+pub enum LaunchError {
+    #[error("could not register a background worker for job {0}; raise max_worker_processes")]
+    NoSlot(String),
+    #[error("the worker for job {job} did not start: {status}")]
+    NotStarted { job: String, status: String },
+}
+
+impl LaunchError {
+    pub fn sqlstate(&self) -> PgSqlErrorCode {
+        match self {
+            LaunchError::NoSlot(_) => PgSqlErrorCode::ERRCODE_INSUFFICIENT_RESOURCES,
+            LaunchError::NotStarted { .. } => PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        }
+    }
+}
+
 /// Launches the job's worker in the calling database; returns its pid.
-pub fn launch(job: &str) -> i32 {
+pub fn launch(job: &str) -> Result<i32, LaunchError> {
+    // SAFETY: a backend global, set once the backend is connected to its database
     let db = unsafe { pg_sys::MyDatabaseId };
     let worker = BackgroundWorkerBuilder::new(&format!("cube_dispatcher {job}"))
         .set_type(&format!("cube_dispatcher {job}"))
@@ -101,15 +122,13 @@ pub fn launch(job: &str) -> i32 {
         .set_extra(job)
         .enable_spi_access()
         .set_restart_time(Some(RESTART_DELAY))
+        // SAFETY: a backend global, set at process start
         .set_notify_pid(unsafe { pg_sys::MyProcPid })
         .load_dynamic()
-        .unwrap_or_else(|_| {
-            error!("cube_dispatcher: could not register a background worker for job {job}; raise max_worker_processes")
-        });
-    match worker.wait_for_startup() {
-        Ok(pid) => pid,
-        Err(status) => error!("cube_dispatcher: the worker for job {job} did not start: {status:?}"),
-    }
+        .map_err(|_| LaunchError::NoSlot(job.to_string()))?;
+    worker
+        .wait_for_startup()
+        .map_err(|status| LaunchError::NotStarted { job: job.to_string(), status: format!("{status:?}") })
 }
 
 /// Runs a keep_all COPY that goes on with the following chunks while they continue its table,
@@ -192,7 +211,7 @@ impl Worker {
     fn pick_up_reload(&mut self) -> Result<(), StepError> {
         let version = in_transaction(|| Ok(state::config_version(&self.job)))?;
         if version.is_some_and(|v| v != self.config_version) {
-            if let Some(row) = in_transaction(|| Ok(state::load_job(&self.job)))? {
+            if let Some(row) = in_transaction(|| Ok(state::load_job(&self.job)?))? {
                 self.config = row.config;
                 self.config_version = row.config_version;
                 self.source.reconfigure(&self.config.src_db, Duration::from_secs_f64(self.config.connection_lifetime));
@@ -405,9 +424,17 @@ impl Worker {
 
 static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
 
+/// SIGUSR2. Like every PostgreSQL signal handler it keeps errno, which SetLatch may change, for
+/// the code it interrupted.
 unsafe extern "C-unwind" fn request_stop(_signal: std::ffi::c_int) {
-    STOP_REQUESTED.store(true, Ordering::SeqCst);
-    unsafe { pg_sys::SetLatch(pg_sys::MyLatch) };
+    // SAFETY: errno is thread-local and always valid; SetLatch is async-signal-safe (PostgreSQL's
+    // own handlers call it) and MyLatch is set before signals are unblocked
+    unsafe {
+        let saved = *libc::__errno_location();
+        STOP_REQUESTED.store(true, Ordering::SeqCst);
+        pg_sys::SetLatch(pg_sys::MyLatch);
+        *libc::__errno_location() = saved;
+    }
 }
 
 fn stop_requested() -> bool {
@@ -446,14 +473,24 @@ fn process_config_reload() {
     }
 }
 
-/// What PostgreSQL's die() does for a backend: flag the interrupt, so the next
-/// CHECK_FOR_INTERRUPTS ends the process with FATAL and the open transaction is rolled back.
-unsafe extern "C-unwind" fn request_die(_signal: std::ffi::c_int) {
-    unsafe {
-        pg_sys::InterruptPending = 1;
-        pg_sys::ProcDiePending = 1;
-        pg_sys::SetLatch(pg_sys::MyLatch);
-    }
+unsafe extern "C-unwind" {
+    /// PostgreSQL's SIGTERM handler for backends (tcop/postgres.c). pgrx's `pg_sys::die` is a
+    /// Rust wrapper around it, which a signal handler slot cannot take.
+    #[link_name = "die"]
+    fn postgres_die(signal: std::ffi::c_int);
+}
+
+/// A stored definition that does not read back stops the job, visibly: running on defaults could
+/// write where the definition forbids it.
+fn refuse_to_run(job: &str, pid: i32, e: state::Unreadable) {
+    let msg = format!("stopped: {e}");
+    warning!("cube_dispatcher job {job}: {msg}");
+    let _ = in_transaction(|| {
+        state::set_error(job, &msg);
+        state::set_enabled(job, false);
+        state::set_stopped(job, Some(pid));
+        Ok(())
+    });
 }
 
 #[pg_guard]
@@ -463,10 +500,14 @@ pub extern "C-unwind" fn cube_dispatcher_worker_main(arg: pg_sys::Datum) {
     let db = pg_sys::Oid::from(arg.value() as u32);
 
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP);
-    unsafe { pg_sys::pqsignal(pg_sys::SIGUSR2 as i32, Some(request_stop)) };
-    // SIGTERM (kill(), server shutdown): PostgreSQL's own die(), so the transaction in progress
-    // is aborted at the next interrupt check and nothing half-done is committed.
-    unsafe { pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(request_die)) };
+    // SAFETY: installing handlers before the process does anything else, as PostgreSQL's own
+    // processes do; both handlers are async-signal-safe.
+    unsafe {
+        pg_sys::pqsignal(pg_sys::SIGUSR2 as i32, Some(request_stop));
+        // SIGTERM (kill(), server shutdown): PostgreSQL's own die(), so the transaction in
+        // progress is aborted at the next interrupt check and nothing half-done is committed.
+        pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(postgres_die));
+    }
     // Bookkeeping in the extension's private tables runs as the bootstrap superuser; everything
     // an event can influence runs as the job's role (see roles.rs).
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(db), Some(pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID)));
@@ -480,20 +521,27 @@ pub extern "C-unwind" fn cube_dispatcher_worker_main(arg: pg_sys::Datum) {
         libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 20);
     }
     let pid = unsafe { pg_sys::MyProcPid };
-    // The source batch is finished right after our commit: that commit must be durable whatever
-    // the server's default, or a crash could lose a batch the source already forgot.
-    let _ = in_transaction(|| {
+    let settled = in_transaction(|| {
+        // first of all: the database's or role's search_path must not reach the bookkeeping
+        crate::roles::pin_search_path();
+        // The source batch is finished right after our commit: that commit must be durable
+        // whatever the server's default, or a crash could lose a batch the source already forgot.
         crate::spi::run("SET synchronous_commit TO on", &[]);
         Ok(())
     });
+    if let Err(e) = settled {
+        // FATAL, not a return: the postmaster starts the worker again after RESTART_DELAY
+        ereport!(FATAL, PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("cube_dispatcher job {job}: {e}"));
+    }
     // Waits for start()'s transaction when it has not committed yet; fails if it rolled back.
     let row = in_transaction(|| {
         state::worker_started(&job, pid);
         Ok(state::load_job(&job))
     });
     let row = match row {
-        Ok(Some(r)) if r.enabled => r,
-        Ok(_) => {
+        Ok(Ok(Some(r))) if r.enabled => r,
+        Ok(Err(e)) => return refuse_to_run(&job, pid, e),
+        Ok(Ok(_)) => {
             in_transaction(|| {
                 state::set_stopped(&job, Some(pid));
                 Ok(())
@@ -535,9 +583,13 @@ pub extern "C-unwind" fn cube_dispatcher_worker_main(arg: pg_sys::Datum) {
 
     let mut registered = false;
     while !stop_requested() {
-        if let Err(e) = w.pick_up_reload() {
-            w.failed(e);
-            continue;
+        match w.pick_up_reload() {
+            Ok(()) => {}
+            Err(StepError::Unreadable(e)) => return refuse_to_run(&job, pid, e),
+            Err(e) => {
+                w.failed(e);
+                continue;
+            }
         }
         if !registered {
             let (q, c) = (w.config.pgq_queue_name.clone(), w.config.pgq_consumer_id.clone());

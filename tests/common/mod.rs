@@ -159,6 +159,14 @@ impl Cluster {
         self.connect(db).batch_execute(sql).map_err(|e| err_text(&e))
     }
 
+    /// Like try_exec, but the error is (SQLSTATE, message), so tests can check the code a client sees.
+    pub fn try_exec_state(&self, db: &str, sql: &str) -> Result<(), (String, String)> {
+        self.connect(db).batch_execute(sql).map_err(|e| match e.as_db_error() {
+            Some(d) => (d.code().code().to_string(), d.message().to_string()),
+            None => (String::new(), e.to_string()),
+        })
+    }
+
     /// Every row of the last statement, each value as text (None for NULL).
     pub fn query(&self, db: &str, sql: &str) -> Vec<Vec<Option<String>>> {
         let msgs = self.connect(db).simple_query(sql).unwrap_or_else(|e| panic!("{db}: {sql}: {}", err_text(&e)));
