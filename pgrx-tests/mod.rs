@@ -5,8 +5,8 @@
 mod tests {
     use crate::apply::{quote_ident, BatchWriter};
     use crate::config::{JobConfig, LogLevel, OnError};
-    use crate::route::Mode;
-    use crate::source::RawEvent;
+    use crate::event::RawEvent;
+    use crate::mode::Mode;
     use pgrx::prelude::*;
 
     fn job(mode: Mode, template: Option<&str>) -> JobConfig {

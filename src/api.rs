@@ -1,11 +1,13 @@
 //! The SQL-facing control functions. The original tool's switches map to them: -d start,
 //! -s stop (SIGUSR2: after the current batch), -k kill (SIGTERM: at once), -r reload (SIGHUP).
 
-use crate::apply::{in_subtransaction, BatchWriter, SqlError};
+use crate::apply::BatchWriter;
 use crate::config::{self, mask_password, ConfigError, JobConfig, OPTIONS};
+use crate::event::RawEvent;
 use crate::roles;
-use crate::source::{RawEvent, Source};
+use crate::source::Source;
 use crate::state;
+use crate::tx::SqlError;
 use crate::worker;
 use pgrx::prelude::*;
 use std::borrow::Cow;
@@ -127,7 +129,7 @@ fn start(job: &str) -> i32 {
         let role = roles::caller();
         // Registering here, not only in the worker, makes the contract simple: every event queued
         // after start() returns is delivered. It also proves src_db and the queue are usable.
-        crate::apply::catching(|| {
+        crate::tx::catching(|| {
             let mut source = Source::new(role, &cfg.src_db, Duration::from_secs(60));
             source.register(&cfg.pgq_queue_name, &cfg.pgq_consumer_id);
             source.disconnect();
@@ -252,7 +254,7 @@ fn replay_dead_letters(job: &str) -> i64 {
     let mut written = 0;
     for (id, suffix, ev) in letters {
         let mut writer = BatchWriter::new(&row.config, row.run_as, suffix);
-        match in_subtransaction(|| writer.apply(std::slice::from_ref(&ev))) {
+        match writer.apply_isolated(&ev) {
             Ok(()) => {
                 crate::spi::run("DELETE FROM cube_dispatcher.dead_letter WHERE id = $1", &[id.into()]);
                 written += 1;

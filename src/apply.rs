@@ -4,48 +4,19 @@
 
 use crate::config::JobConfig;
 use crate::decode::{self, DecodeError, Op, TableName};
+use crate::event::{Chunks, RawEvent};
+use crate::mode::ModeError;
 use crate::plan::{self, Change, DeleteGroup, InsertGroup};
-use crate::route::{self, Mode, RouteError};
-use crate::source::RawEvent;
+use crate::route::{self, RouteError};
+use crate::tx::{catching, in_subtransaction, SqlError, SubError};
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
-use pgrx::PgTryBuilder;
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::ffi::{CStr, CString};
-use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 use thiserror::Error;
-
-/// A PostgreSQL error caught while writing, with its SQLSTATE. `transient` errors (lost
-/// connections, lock timeouts, deadlocks, shutdown, resource shortages) say nothing about the
-/// event: they fail the batch, never an event.
-#[derive(Debug, Clone)]
-pub struct SqlError {
-    pub message: String,
-    pub code: pg_sys::errcodes::PgSqlErrorCode,
-    pub transient: bool,
-}
-
-impl SqlError {
-    /// An SPI-level failure (not a PostgreSQL error): a bug here, never the data's fault.
-    fn internal(e: pgrx::spi::Error) -> SqlError {
-        SqlError { message: e.to_string(), code: PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, transient: false }
-    }
-}
-
-impl std::fmt::Display for SqlError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-/// SQLSTATE classes of errors that are about the moment, not the data.
-fn transient_class(code: pg_sys::errcodes::PgSqlErrorCode) -> bool {
-    let code = code as i32;
-    let class = [((code & 0x3F) as u8 + b'0') as char, (((code >> 6) & 0x3F) as u8 + b'0') as char];
-    matches!(class, ['0', '8'] | ['4', '0'] | ['5', '3'] | ['5', '5'] | ['5', '7'] | ['5', '8'] | ['X', 'X'])
-}
 
 /// What was wrong with one event (or, for a set-based statement, a run of events).
 #[derive(Debug, Error)]
@@ -72,12 +43,8 @@ pub enum EventError {
     Decode(#[from] DecodeError),
     #[error(transparent)]
     Route(#[from] RouteError),
-    #[error("delete not supported in keep_all mode")]
-    DeleteInKeepAll,
-    #[error("keep_latest needs primary key columns, but ev_type lists none")]
-    NoPrimaryKey,
-    #[error("primary key column {0:?} is missing from ev_data")]
-    KeyColumnMissing(String),
+    #[error(transparent)]
+    Mode(#[from] ModeError),
     #[error("column {column:?} does not exist in {table}")]
     NoSuchColumn { column: String, table: String },
     #[error("partition {0} does not exist and part_template is empty")]
@@ -96,6 +63,7 @@ pub enum EventError {
 pub fn quote_ident(name: &str) -> String {
     // decode refuses NUL, and names from the catalog cannot hold one
     let c = CString::new(name).expect("identifier without NUL");
+    // SAFETY: quote_identifier returns its argument or a palloc'd, NUL-terminated copy
     unsafe { CStr::from_ptr(pg_sys::quote_identifier(c.as_ptr())) }.to_string_lossy().into_owned()
 }
 
@@ -150,59 +118,6 @@ fn run_sql(sql: &str, args: &[DatumWithOid]) -> Result<(), SqlError> {
     catching(|| Spi::run_with_args(sql, args).map_err(SqlError::internal))
 }
 
-/// Runs `f`; a PostgreSQL error raised inside becomes Err(message). Only for code that ends its
-/// transaction (or re-raises) right after an error.
-pub fn catching<R>(f: impl FnOnce() -> Result<R, SqlError>) -> Result<R, SqlError> {
-    PgTryBuilder::new(AssertUnwindSafe(f)).catch_others(|e| Err(caught(&e))).execute()
-}
-
-pub fn caught(e: &pg_sys::panic::CaughtError) -> SqlError {
-    use pg_sys::panic::CaughtError::*;
-    let code = match e {
-        PostgresError(r) | ErrorReport(r) => r.sql_error_code(),
-        RustPanic { .. } => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-    };
-    let transient = !matches!(e, RustPanic { .. }) && transient_class(code);
-    SqlError { message: caught_message(e), code, transient }
-}
-
-/// Runs `f` in a subtransaction: on any error (raised or returned) only its work is rolled back.
-/// The slow path for isolating failing events; never used on the bulk path.
-pub fn in_subtransaction<R>(f: impl FnOnce() -> Result<R, ApplyError>) -> Result<R, ApplyError> {
-    unsafe {
-        let cxt = pg_sys::CurrentMemoryContext;
-        let owner = pg_sys::CurrentResourceOwner;
-        pg_sys::BeginInternalSubTransaction(std::ptr::null());
-        pg_sys::MemoryContextSwitchTo(cxt);
-        let r = PgTryBuilder::new(AssertUnwindSafe(f))
-            .catch_others(|e| {
-                Err(ApplyError::Event { ev_id: 0, table: String::new(), cause: EventError::Sql(caught(&e)) })
-            })
-            .execute();
-        if r.is_ok() {
-            pg_sys::ReleaseCurrentSubTransaction();
-        } else {
-            pg_sys::RollbackAndReleaseCurrentSubTransaction();
-        }
-        pg_sys::MemoryContextSwitchTo(cxt);
-        pg_sys::CurrentResourceOwner = owner;
-        r
-    }
-}
-
-pub fn caught_message(e: &pg_sys::panic::CaughtError) -> String {
-    use pg_sys::panic::CaughtError::*;
-    match e {
-        PostgresError(r) | ErrorReport(r) | RustPanic { ereport: r, .. } => {
-            let mut m = r.message().to_string();
-            if let Some(d) = r.detail() {
-                m.push_str(&format!(" ({d})"));
-            }
-            m
-        }
-    }
-}
-
 impl<'a> BatchWriter<'a> {
     pub fn new(job: &'a JobConfig, role: pg_sys::Oid, suffix: Option<String>) -> Self {
         BatchWriter {
@@ -219,7 +134,7 @@ impl<'a> BatchWriter<'a> {
 
     /// After a rolled-back subtransaction: partitions it created are gone, so look everything up
     /// again.
-    pub fn forget_partitions(&mut self) {
+    fn forget_partitions(&mut self) {
         self.partitions.clear();
         self.by_name.clear();
         self.last_table = None;
@@ -282,18 +197,114 @@ impl<'a> BatchWriter<'a> {
         };
         let (op, pkey) = self.event_type(ev).map_err(fail)?;
         let row = decode::parse_row(ev.ev_data.as_deref()).map_err(|e| fail(e.into()))?;
-        match self.job.mode {
-            Mode::KeepAll if op == Op::Delete => return Err(fail(EventError::DeleteInKeepAll)),
-            Mode::KeepLatest if pkey.is_empty() => return Err(fail(EventError::NoPrimaryKey)),
-            Mode::KeepLatest => {
-                if let Some(k) = pkey.iter().find(|k| !row.iter().any(|(c, _)| c == *k)) {
-                    return Err(fail(EventError::KeyColumnMissing(k.clone())));
-                }
-            }
-            Mode::KeepAll => {}
-        }
+        self.job.mode.check(op, &pkey, &row).map_err(|e| fail(e.into()))?;
         let dest = self.destination(ev, &pkey)?;
         Ok(Change { ev_id: ev.ev_id, op, dest, pkey, row })
+    }
+
+    /// Writes one event in a subtransaction of its own, so that a failure rolls back that event
+    /// only; the error then names the event, whether we returned it or PostgreSQL raised it.
+    pub fn apply_isolated(&mut self, ev: &RawEvent) -> Result<(), ApplyError> {
+        let created = self.created.len();
+        let Err(e) = in_subtransaction(|| self.apply(std::slice::from_ref(ev))) else { return Ok(()) };
+        // partitions the subtransaction created are gone with it: look everything up again
+        self.forget_partitions();
+        self.created.truncate(created);
+        Err(match e {
+            SubError::Returned(e) => e,
+            SubError::Raised(cause) => ApplyError::Event {
+                ev_id: ev.ev_id,
+                table: ev.ev_extra1.as_deref().unwrap_or("(null)").to_string(),
+                cause: EventError::Sql(cause),
+            },
+        })
+    }
+
+    /// Writes every chunk `chunks` hands out, set-based. In keep_all a COPY goes on across the
+    /// chunks that continue its partition and columns, so a big batch is one COPY (one ring of
+    /// shared buffers), not one a chunk; a chunk that does not continue it ends the COPY and is
+    /// written next the ordinary way, which also reports its errors.
+    pub fn write_bulk(&mut self, chunks: &mut impl Chunks) -> Result<Written, ApplyError> {
+        let mut done = Written::default();
+        // a chunk fetched while a COPY ran that did not continue it
+        let mut stash: Option<Vec<RawEvent<'static>>> = None;
+        loop {
+            let open = match stash.take() {
+                Some(chunk) => done.timed(|_| self.apply_leaving_copy_open(&chunk))?,
+                None => match chunks.next_chunk(|chunk| {
+                    done.events += chunk.len() as i64;
+                    done.timed(|_| self.apply_leaving_copy_open(chunk))
+                }) {
+                    None => return Ok(done),
+                    Some(open) => open?,
+                },
+            };
+            if let Some(copy) = open {
+                stash = self.continue_copy(copy, chunks, &mut done)?;
+            }
+        }
+    }
+
+    /// Runs `copy`, refilling its buffer from the next chunks while they continue it. Returns the
+    /// chunk that ended it, if one did.
+    fn continue_copy(
+        &mut self,
+        copy: OpenCopy,
+        chunks: &mut impl Chunks,
+        done: &mut Written,
+    ) -> Result<Option<Vec<RawEvent<'static>>>, ApplyError> {
+        let key = copy.key.clone();
+        let mut stash = None;
+        let copy_started = Instant::now();
+        let mut fetching = Duration::ZERO;
+        let mut more = |buf: &mut Vec<u8>| -> Option<i64> {
+            let fetch_started = Instant::now();
+            let mut writing = Duration::ZERO;
+            let added = chunks.next_chunk(|chunk| {
+                let write_started = Instant::now();
+                done.events += chunk.len() as i64;
+                let added = self.copy_text_continuing(&key, chunk, buf);
+                if added.is_none() {
+                    stash = Some(chunk.iter().map(RawEvent::to_owned_event).collect());
+                }
+                writing = write_started.elapsed();
+                added
+            });
+            fetching += fetch_started.elapsed().saturating_sub(writing);
+            added.flatten().map(|(_, last)| last)
+        };
+        copy.run(Some(&mut more))?;
+        done.writing += copy_started.elapsed().saturating_sub(fetching);
+        Ok(stash)
+    }
+
+    /// Writes every chunk one event at a time, to find the events that fail. `isolate`: each in
+    /// a subtransaction of its own, and those that fail for their own reasons are set aside
+    /// (returned in `parked`); otherwise the first failure ends the batch, naming its event.
+    pub fn write_each(&mut self, chunks: &mut impl Chunks, isolate: bool) -> Result<Written, ApplyError> {
+        let mut done = Written::default();
+        loop {
+            let wrote = chunks.next_chunk(|chunk| {
+                done.events += chunk.len() as i64;
+                done.timed(|done| {
+                    for ev in chunk {
+                        if !isolate {
+                            self.apply(std::slice::from_ref(ev))?;
+                            continue;
+                        }
+                        match self.apply_isolated(ev) {
+                            Err(e) if !e.is_transient() => done.parked.push((ev.to_owned_event(), e)),
+                            r => r?,
+                        }
+                    }
+                    Ok(())
+                })
+            });
+            match wrote {
+                None => return Ok(done),
+                Some(r) => r?,
+            }
+        }
     }
 
     /// Applies a run of events in order. Callers pass the batch in chunks; chunks are applied one
@@ -305,8 +316,8 @@ impl<'a> BatchWriter<'a> {
     /// Like apply, except that in keep_all a chunk that goes to one partition with one column
     /// set is not copied yet: its COPY is returned for `run_copy`, which later chunks of the same
     /// table can join (`continue_copy`).
-    pub fn apply_leaving_copy_open(&mut self, events: &[RawEvent]) -> Result<Option<OpenCopy>, ApplyError> {
-        crate::roles::as_role(self.role, || self.apply_as_owner(events, self.job.mode == Mode::KeepAll))
+    fn apply_leaving_copy_open(&mut self, events: &[RawEvent]) -> Result<Option<OpenCopy>, ApplyError> {
+        crate::roles::as_role(self.role, || self.apply_as_owner(events, self.job.mode.may_continue_copy()))
     }
 
     fn apply_as_owner(&mut self, events: &[RawEvent], leave_open: bool) -> Result<Option<OpenCopy>, ApplyError> {
@@ -334,7 +345,7 @@ impl<'a> BatchWriter<'a> {
     /// table as sent by the trigger, same columns, valid. Returns their first and last ev_id.
     /// Anything else (another table, other columns, a bad event) returns None and writes
     /// nothing: the chunk then goes the ordinary way, which also reports its errors.
-    pub fn continue_copy(&mut self, open: &CopyKey, events: &[RawEvent], out: &mut Vec<u8>) -> Option<(i64, i64)> {
+    fn copy_text_continuing(&mut self, open: &CopyKey, events: &[RawEvent], out: &mut Vec<u8>) -> Option<(i64, i64)> {
         if events.is_empty() || events.iter().any(|e| e.ev_extra1.as_deref() != Some(open.table.as_str())) {
             return None;
         }
@@ -392,7 +403,7 @@ impl<'a> BatchWriter<'a> {
             let template = match &self.job.part_template {
                 Some(t) if t.trim().is_empty() => return Err(EventError::NoPartition(qualified)),
                 Some(t) => t.as_str(),
-                None => route::default_template(self.job.mode),
+                None => self.job.mode.default_template(),
             };
             run_sql(
                 "SELECT pg_advisory_xact_lock(hashtextextended('cube_dispatcher partition ' || $1, 0))",
@@ -550,9 +561,29 @@ fn statement_error(first: i64, last: i64, table: &str, cause: SqlError) -> Apply
     }
 }
 
+/// What writing a batch's chunks did.
+#[derive(Default)]
+pub struct Written {
+    /// events read from the source
+    pub events: i64,
+    /// time spent decoding and writing, not waiting for the source
+    pub writing: Duration,
+    /// events set aside, with the reason (isolating pace only)
+    pub parked: Vec<(RawEvent<'static>, ApplyError)>,
+}
+
+impl Written {
+    fn timed<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
+        let started = Instant::now();
+        let r = f(self);
+        self.writing += started.elapsed();
+        r
+    }
+}
+
 /// What rows must share to join an open COPY.
 #[derive(Debug, Clone)]
-pub struct CopyKey {
+struct CopyKey {
     /// ev_extra1 as the trigger sent it
     table: String,
     dest: usize,
@@ -560,8 +591,8 @@ pub struct CopyKey {
 }
 
 /// A COPY into one partition, built but not run yet: later chunks of the batch may join it.
-pub struct OpenCopy {
-    pub key: CopyKey,
+struct OpenCopy {
+    key: CopyKey,
     role: pg_sys::Oid,
     relid: pg_sys::Oid,
     qualified: String,
@@ -571,12 +602,12 @@ pub struct OpenCopy {
 }
 
 /// Refills an open COPY's buffer; says the last ev_id it added, or None to end the COPY.
-pub type MoreRows<'m> = dyn FnMut(&mut Vec<u8>) -> Option<i64> + 'm;
+type MoreRows<'m> = dyn FnMut(&mut Vec<u8>) -> Option<i64> + 'm;
 
 impl OpenCopy {
     /// Runs the COPY; `more` refills its buffer with the next rows and says the last ev_id it
     /// added, or None when the COPY is to end.
-    pub fn run(self, mut more: Option<&mut MoreRows>) -> Result<(), ApplyError> {
+    fn run(self, mut more: Option<&mut MoreRows>) -> Result<(), ApplyError> {
         let columns: Vec<&str> = self.key.columns.iter().map(String::as_str).collect();
         let mut last = self.last_ev_id;
         let mut refill = |buf: &mut Vec<u8>| match more.as_mut().and_then(|m| m(buf)) {

@@ -2,7 +2,7 @@
 //! `cube_dispatcher.<job>.<option>` with `cube_dispatcher.<option>` as the default for every job;
 //! this module only sees the resulting strings, so it is tested without a server.
 
-use crate::route::Mode;
+use crate::mode::Mode;
 use thiserror::Error;
 
 /// Options in the order they are read and shown. Names are the original's ini keys.

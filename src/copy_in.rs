@@ -32,18 +32,31 @@ pub type More<'m> = &'m mut Refill<'m>;
 pub type Refill<'m> = dyn FnMut(&mut Vec<u8>) -> bool + 'm;
 
 /// The data being fed to the COPY in progress. The callback has no argument for it, so it is a
-/// process global; a backend runs one COPY at a time.
+/// process global; a backend runs one COPY at a time. It points into `copy_rows`' stack frame,
+/// which `FeedGuard` empties it before leaving, however it leaves.
 struct Feed {
     data: *mut Vec<u8>,
     pos: usize,
     more: Option<*mut Refill<'static>>,
 }
-static mut FEED: Feed = Feed { data: std::ptr::null_mut(), pos: 0, more: None };
+const NO_FEED: Feed = Feed { data: std::ptr::null_mut(), pos: 0, more: None };
+static mut FEED: Feed = NO_FEED;
+
+struct FeedGuard;
+
+impl Drop for FeedGuard {
+    fn drop(&mut self) {
+        // SAFETY: a backend is single-threaded; nothing reads FEED outside CopyFrom
+        unsafe { FEED = NO_FEED };
+    }
+}
 
 // pg_guard: `more` reads the next chunk from the source, which may raise a PostgreSQL error;
 // it must leave through PostgreSQL's error path, not unwind through CopyFrom.
 #[pg_guard]
 unsafe extern "C-unwind" fn read_feed(outbuf: *mut c_void, _minread: c_int, maxread: c_int) -> c_int {
+    // SAFETY: only CopyFrom calls this, during copy_rows, while FEED points at that call's live
+    // buffer and refill closure; CopyFrom hands an `outbuf` of at least `maxread` bytes.
     unsafe {
         // through a raw pointer: a plain `&mut FEED` is a reference to a static mut
         #[allow(clippy::deref_addrof)]
@@ -67,6 +80,7 @@ unsafe extern "C-unwind" fn read_feed(outbuf: *mut c_void, _minread: c_int, maxr
 /// True when this role may INSERT into the table and row security does not apply to it: then the
 /// COPY path is equivalent to INSERT. Otherwise callers use a plain INSERT, which checks both.
 pub fn usable(relid: pg_sys::Oid) -> bool {
+    // SAFETY: ACL and row-security checks by oid, inside the caller's transaction
     unsafe {
         let user = pg_sys::GetUserId();
         pg_sys::pg_class_aclcheck(relid, user, pg_sys::ACL_INSERT as pg_sys::AclMode) == pg_sys::AclResult::ACLCHECK_OK
@@ -80,6 +94,9 @@ pub fn usable(relid: pg_sys::Oid) -> bool {
 /// 16 MB ring of shared buffers, so COPYs of one chunk each would leave every page written behind
 /// in the worker's memory map. Errors are raised as PostgreSQL errors, like COPY's own.
 pub fn copy_rows(relid: pg_sys::Oid, columns: &[&str], mut data: Vec<u8>, more: Option<More>) -> u64 {
+    // SAFETY: the relation is opened and locked before COPY runs on it and closed (lock kept to
+    // the end of the transaction, as COPY does) after; the parse state and lists are palloc'd in
+    // the current memory context; FEED is set for CopyFrom only and cleared by the guard.
     unsafe {
         let lock = pg_sys::RowExclusiveLock as pg_sys::LOCKMODE;
         let rel = pg_sys::table_open(relid, lock);
@@ -96,9 +113,10 @@ pub fn copy_rows(relid: pg_sys::Oid, columns: &[&str], mut data: Vec<u8>, more: 
             -1,
         );
         let options = pg_sys::lappend(std::ptr::null_mut(), encoding.cast());
-        // SAFETY: FEED is only read by read_feed, during CopyFrom below, while both are alive
+        // the 'static is a lie FEED needs; the guard ends it before `more` goes out of scope
         let more = more.map(|m| std::mem::transmute::<*mut Refill<'_>, *mut Refill<'static>>(m));
         FEED = Feed { data: &mut data, pos: 0, more };
+        let _clear = FeedGuard;
         let cstate = pg_sys::BeginCopyFrom(
             pstate,
             rel,
@@ -111,7 +129,6 @@ pub fn copy_rows(relid: pg_sys::Oid, columns: &[&str], mut data: Vec<u8>, more: 
         );
         let n = pg_sys::CopyFrom(cstate);
         pg_sys::EndCopyFrom(cstate);
-        FEED = Feed { data: std::ptr::null_mut(), pos: 0, more: None };
         pg_sys::free_parsestate(pstate);
         pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
         n

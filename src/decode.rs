@@ -12,16 +12,6 @@ pub enum Op {
     Delete,
 }
 
-impl Op {
-    pub fn letter(self) -> char {
-        match self {
-            Op::Insert => 'I',
-            Op::Update => 'U',
-            Op::Delete => 'D',
-        }
-    }
-}
-
 /// `ev_type` split into the operation and the primary-key columns logutriga listed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventType {

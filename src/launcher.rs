@@ -6,22 +6,7 @@
 use crate::state;
 use crate::worker;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
-use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::prelude::*;
-use std::ffi::CString;
-
-pub static DATABASES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
-
-pub fn register_gucs() {
-    GucRegistry::define_string_guc(
-        c"cube_dispatcher.databases",
-        c"Databases in which cube_dispatcher resumes jobs at server start (comma-separated; empty: all).",
-        c"Only used when cube_dispatcher is in shared_preload_libraries.",
-        &DATABASES,
-        GucContext::Sighup,
-        GucFlags::default(),
-    );
-}
 
 /// Called from _PG_init when preloaded.
 pub fn register_launcher() {
@@ -39,6 +24,8 @@ pub fn register_launcher() {
 /// PostgreSQL's autovacuum launcher does.
 fn database_list() -> Vec<(pg_sys::Oid, String)> {
     let mut out = Vec::new();
+    // SAFETY: a catalog scan as the autovacuum launcher does it, inside the transaction the
+    // caller opened; the tuple's struct is read before the next heap_getnext
     unsafe {
         let rel = pg_sys::table_open(pg_sys::DatabaseRelationId, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         let scan = pg_sys::table_beginscan_catalog(rel, 0, std::ptr::null_mut());
@@ -65,7 +52,7 @@ pub extern "C-unwind" fn cube_dispatcher_launcher_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     // No database: only the shared catalogs (pg_database) are readable.
     BackgroundWorker::connect_worker_to_spi(None, None);
-    let wanted: Option<Vec<String>> = DATABASES
+    let wanted: Option<Vec<String>> = crate::gucs::DATABASES
         .get()
         .and_then(|s| s.to_str().ok().map(str::to_string))
         .filter(|s| !s.trim().is_empty())
@@ -82,6 +69,7 @@ pub extern "C-unwind" fn cube_dispatcher_launcher_main(_arg: pg_sys::Datum) {
             .set_argument(Some(pg_sys::Datum::from(oid.to_u32())))
             .enable_spi_access()
             .set_restart_time(None)
+            // SAFETY: a backend global, set at process start
             .set_notify_pid(unsafe { pg_sys::MyProcPid })
             .load_dynamic();
         // one database at a time, so a cluster with many databases does not exhaust worker slots

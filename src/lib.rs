@@ -3,28 +3,32 @@
 //! An event's trip: source (dblink) -> decode -> route -> plan -> apply -> state (batch done, same
 //! transaction) -> source (finish batch). worker drives it; api is what SQL calls.
 
-pub mod config;
-pub mod copy_in;
-pub mod decode;
-pub mod plan;
-pub mod route;
+mod config;
+mod copy_in;
+mod decode;
+mod event;
+mod mode;
+mod plan;
+mod route;
 
-pub mod api;
-pub mod apply;
-pub mod launcher;
-pub mod roles;
-pub mod source;
-pub mod spi;
-pub mod state;
-pub mod worker;
+mod api;
+mod apply;
+mod batch;
+mod gucs;
+mod launcher;
+mod roles;
+mod source;
+mod spi;
+mod state;
+mod tx;
+mod worker;
 
 ::pgrx::pg_module_magic!(name, version);
 
-/// Job settings are placeholders (`cube_dispatcher.<job>.<option>`) read by start(), so the
-/// `cube_dispatcher` prefix is deliberately not reserved here.
 #[pgrx::pg_guard]
 pub extern "C-unwind" fn _PG_init() {
-    launcher::register_gucs();
+    gucs::register();
+    // SAFETY: a postmaster global, set while shared_preload_libraries are loaded
     if unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress } {
         launcher::register_launcher();
     }

@@ -6,7 +6,7 @@
 #[cfg(test)]
 use crate::decode::Encoded;
 use crate::decode::{Op, Row};
-use crate::route::Mode;
+use crate::mode::Mode;
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -65,37 +65,36 @@ pub struct Plan<'a> {
 /// is I/U is inserted; this leaves the same rows as applying the events one by one.
 pub fn plan<'a>(changes: &[Change<'a>], mode: Mode) -> Plan<'a> {
     let mut plan = Plan::default();
-    let survivors: Vec<usize> = match mode {
-        Mode::KeepAll => (0..changes.len()).filter(|&i| changes[i].op != Op::Delete).collect(),
-        Mode::KeepLatest => {
-            type Key<'k, 'a> = (usize, &'k [String], Vec<Value<'a>>);
-            let mut last: HashMap<Key, usize> = HashMap::with_capacity(changes.len());
-            let mut order: Vec<Key> = Vec::new();
-            for (i, ch) in changes.iter().enumerate() {
-                let key = (ch.dest, ch.pkey.as_slice(), ch.key_values());
-                if last.insert(key.clone(), i).is_none() {
-                    order.push(key);
-                }
+    let survivors: Vec<usize> = if mode.keeps_every_version() {
+        (0..changes.len()).filter(|&i| changes[i].op != Op::Delete).collect()
+    } else {
+        type Key<'k, 'a> = (usize, &'k [String], Vec<Value<'a>>);
+        let mut last: HashMap<Key, usize> = HashMap::with_capacity(changes.len());
+        let mut order: Vec<Key> = Vec::new();
+        for (i, ch) in changes.iter().enumerate() {
+            let key = (ch.dest, ch.pkey.as_slice(), ch.key_values());
+            if last.insert(key.clone(), i).is_none() {
+                order.push(key);
             }
-            let mut delete_index: HashMap<(usize, &[String]), usize> = HashMap::new();
-            for key in &order {
-                let i = last[key];
-                let g = *delete_index.entry((key.0, key.1)).or_insert_with(|| {
-                    plan.deletes.push(DeleteGroup {
-                        dest: key.0,
-                        key_columns: changes[i].pkey.clone(),
-                        keys: Vec::new(),
-                        ev_ids: Vec::new(),
-                    });
-                    plan.deletes.len() - 1
-                });
-                plan.deletes[g].keys.push(key.2.clone());
-                plan.deletes[g].ev_ids.push(changes[i].ev_id);
-            }
-            let mut keep: Vec<usize> = order.iter().map(|k| last[k]).filter(|&i| changes[i].op != Op::Delete).collect();
-            keep.sort_unstable();
-            keep
         }
+        let mut delete_index: HashMap<(usize, &[String]), usize> = HashMap::new();
+        for key in &order {
+            let i = last[key];
+            let g = *delete_index.entry((key.0, key.1)).or_insert_with(|| {
+                plan.deletes.push(DeleteGroup {
+                    dest: key.0,
+                    key_columns: changes[i].pkey.clone(),
+                    keys: Vec::new(),
+                    ev_ids: Vec::new(),
+                });
+                plan.deletes.len() - 1
+            });
+            plan.deletes[g].keys.push(key.2.clone());
+            plan.deletes[g].ev_ids.push(changes[i].ev_id);
+        }
+        let mut keep: Vec<usize> = order.iter().map(|k| last[k]).filter(|&i| changes[i].op != Op::Delete).collect();
+        keep.sort_unstable();
+        keep
     };
     // Consecutive events usually share table and columns: compare with the previous event's
     // group before hashing the column list.

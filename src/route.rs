@@ -8,33 +8,11 @@ use thiserror::Error;
 /// PostgreSQL's NAMEDATALEN - 1: longer names would be silently truncated by the server.
 pub const MAX_IDENTIFIER_BYTES: usize = 63;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    KeepAll,
-    KeepLatest,
-}
-
-impl Mode {
-    pub fn parse(s: &str) -> Option<Mode> {
-        match s {
-            "keep_all" => Some(Mode::KeepAll),
-            "keep_latest" => Some(Mode::KeepLatest),
-            _ => None,
-        }
-    }
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::KeepAll => "keep_all",
-            Mode::KeepLatest => "keep_latest",
-        }
-    }
-}
-
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum RouteError {
     #[error("partition name {name:?} is {len} bytes, over PostgreSQL's limit of 63")]
     NameTooLong { name: String, len: usize },
-    #[error("partition suffix {0:?} from dateformat is empty or contains a '.'")]
+    #[error("partition suffix {0:?} from dateformat is empty")]
     BadSuffix(String),
 }
 
@@ -49,17 +27,6 @@ pub fn partition_of(parent: &TableName, suffix: Option<&str>) -> Result<TableNam
         return Err(RouteError::NameTooLong { len: table.len(), name: table });
     }
     Ok(TableName { schema: parent.schema.clone(), table })
-}
-
-/// The original's template: a keep_all partition holds several versions of a key, so it gets no
-/// primary key.
-pub fn default_template(mode: Mode) -> &'static str {
-    match mode {
-        Mode::KeepLatest => {
-            "create table _DEST_TABLE (like _PARENT); alter table only _DEST_TABLE add primary key (_PKEY);"
-        }
-        Mode::KeepAll => "create table _DEST_TABLE (like _PARENT);",
-    }
 }
 
 pub fn qualified(t: &TableName, quote: &dyn Fn(&str) -> String) -> String {
@@ -79,7 +46,8 @@ pub fn render_template(
         ("_DEST_TABLE", qualified(dest, quote)),
         ("_SCHEMA_TABLE", quote(&format!("{}_{}", dest.schema, dest.table))),
         ("_PARENT", qualified(parent, quote)),
-        ("_PKEY", pkey.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", ")),
+        // "id,line" as the original wrote it, visible where a template puts it in a name or comment
+        ("_PKEY", pkey.iter().map(|c| quote(c)).collect::<Vec<_>>().join(",")),
     ];
     let mut out = String::with_capacity(template.len() + 64);
     let mut rest = template;
@@ -101,6 +69,7 @@ pub fn render_template(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mode::Mode;
 
     /// Stand-in for quote_identifier without the keyword list: the backend uses the real one.
     fn q(s: &str) -> String {
@@ -149,13 +118,13 @@ mod tests {
         let pk = vec!["id".to_string(), "Line No".to_string()];
         let cases: &[(&str, TableName, TableName, &str)] = &[
             (
-                default_template(Mode::KeepLatest),
+                Mode::KeepLatest.default_template(),
                 t("public", "orders_2026_11_24"),
                 t("public", "orders"),
-                "create table public.orders_2026_11_24 (like public.orders); alter table only public.orders_2026_11_24 add primary key (id, \"Line No\");",
+                "create table public.orders_2026_11_24 (like public.orders); alter table only public.orders_2026_11_24 add primary key (id,\"Line No\");",
             ),
             (
-                default_template(Mode::KeepAll),
+                Mode::KeepAll.default_template(),
                 t("Sales", "Order Lines_2026"),
                 t("Sales", "Order Lines"),
                 "create table \"Sales\".\"Order Lines_2026\" (like \"Sales\".\"Order Lines\");",
@@ -164,7 +133,7 @@ mod tests {
                 "create index _SCHEMA_TABLE_idx on _DEST_TABLE (_PKEY)",
                 t("public", "orders_2026"),
                 t("public", "orders"),
-                "create index public_orders_2026_idx on public.orders_2026 (id, \"Line No\")",
+                "create index public_orders_2026_idx on public.orders_2026 (id,\"Line No\")",
             ),
             // a replacement is never scanned again, even when the name spells a magic word
             (
@@ -180,7 +149,7 @@ mod tests {
                 t("public", "x\"; drop table t; --"),
                 "drop table public.\"x\"\"; drop table t; --\"",
             ),
-            ("select 'ä' -- _PKEY", t("a", "b"), t("a", "b"), "select 'ä' -- id, \"Line No\""),
+            ("select 'ä' -- _PKEY", t("a", "b"), t("a", "b"), "select 'ä' -- id,\"Line No\""),
         ];
         for (tpl, dest, parent, want) in cases {
             assert_eq!(render_template(tpl, dest, parent, &pk, &q), *want, "template {tpl:?}");

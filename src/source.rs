@@ -5,6 +5,7 @@
 //! roles may create look-alikes), and the remote session gets the same pinned search_path as
 //! ours (see roles.rs): the events query PgQ builds names some built-ins without a schema.
 
+use crate::event::{Chunks, RawEvent};
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use std::borrow::Cow;
@@ -17,31 +18,6 @@ const CURSOR: &str = "cube_dispatcher_events";
 /// awaited, so a small one lets writing start sooner; later FETCHes run while a chunk is written.
 const FIRST_CHUNK: usize = 1000;
 const CHUNK: usize = 5000;
-
-/// An event as PgQ stores it, before decoding. Events read from the source borrow their text
-/// from the fetched result instead of copying it.
-#[derive(Debug, Clone)]
-pub struct RawEvent<'a> {
-    pub ev_id: i64,
-    pub ev_time: Option<Cow<'a, str>>,
-    pub ev_type: Option<Cow<'a, str>>,
-    pub ev_data: Option<Cow<'a, str>>,
-    pub ev_extra1: Option<Cow<'a, str>>,
-}
-
-impl RawEvent<'_> {
-    /// A copy that owns its text, to keep beyond the fetched result it came from.
-    pub fn to_owned_event(&self) -> RawEvent<'static> {
-        let own = |v: &Option<Cow<str>>| v.as_deref().map(|s| Cow::Owned(s.to_string()));
-        RawEvent {
-            ev_id: self.ev_id,
-            ev_time: own(&self.ev_time),
-            ev_type: own(&self.ev_type),
-            ev_data: own(&self.ev_data),
-            ev_extra1: own(&self.ev_extra1),
-        }
-    }
-}
 
 #[derive(Debug, Clone)]
 pub struct BatchInfo {
@@ -233,41 +209,6 @@ impl Source {
         self.asked = n;
     }
 
-    /// Reads the chunk in flight, sends the FETCH for the next one unless this was the last (so
-    /// the source works while `write` runs), then hands the events to `write`. None: the batch
-    /// is done.
-    pub fn next_chunk<R>(&mut self, write: impl FnOnce(&[RawEvent]) -> R) -> Option<R> {
-        if !self.fetch_in_flight {
-            return None;
-        }
-        let role = self.role;
-        let asked = self.asked;
-        // ev_time as text: it is only kept for dead letters, so it is not parsed per event
-        let get = self.dblink(
-            "SELECT ev_id, ev_time, ev_type, ev_data, ev_extra1 FROM dblink.dblink_get_result($1)
-               AS t(ev_id bigint, ev_time text, ev_type text, ev_data text, ev_extra1 text)",
-        );
-        // dblink needs one more dblink_get_result after each result to free the connection
-        let release = self.dblink("SELECT * FROM dblink.dblink_get_result($1) AS t(ev_id bigint)");
-        Spi::connect(|c| {
-            crate::roles::as_role(role, || c.select(&get, None, &[CONN.into()]))?;
-            // SAFETY: the result stays until this Spi::connect ends, after `write`
-            let events = unsafe { borrow_events(pg_sys::SPI_tuptable, pg_sys::SPI_processed as usize) };
-            self.run(&release, &[CONN.into()]);
-            self.fetch_in_flight = false;
-            if events.is_empty() {
-                return Ok(None);
-            }
-            if events.len() == asked {
-                self.send_fetch(CHUNK);
-            }
-            // not as the job's role: the writer switches to it itself, and the bookkeeping in
-            // `write` (dead letters) needs the worker's own rights
-            Ok::<_, pgrx::spi::Error>(Some(write(&events)))
-        })
-        .unwrap_or_else(|e| crate::spi::fail(e))
-    }
-
     /// Closing the cursor also ends the remote read transaction dblink_open began.
     pub fn close_events(&mut self) {
         if self.fetch_in_flight {
@@ -306,6 +247,43 @@ impl Source {
     }
 }
 
+impl Chunks for Source {
+    /// Reads the chunk in flight, sends the FETCH for the next one unless this was the last (so
+    /// the source works while `write` runs), then hands the events to `write`. None: the batch
+    /// is done.
+    fn next_chunk<R>(&mut self, write: impl FnOnce(&[RawEvent]) -> R) -> Option<R> {
+        if !self.fetch_in_flight {
+            return None;
+        }
+        let role = self.role;
+        let asked = self.asked;
+        // ev_time as text: it is only kept for dead letters, so it is not parsed per event
+        let get = self.dblink(
+            "SELECT ev_id, ev_time, ev_type, ev_data, ev_extra1 FROM dblink.dblink_get_result($1)
+               AS t(ev_id bigint, ev_time text, ev_type text, ev_data text, ev_extra1 text)",
+        );
+        // dblink needs one more dblink_get_result after each result to free the connection
+        let release = self.dblink("SELECT * FROM dblink.dblink_get_result($1) AS t(ev_id bigint)");
+        Spi::connect(|c| {
+            crate::roles::as_role(role, || c.select(&get, None, &[CONN.into()]))?;
+            // SAFETY: the result stays until this Spi::connect ends, after `write`
+            let events = unsafe { borrow_events(pg_sys::SPI_tuptable, pg_sys::SPI_processed as usize) };
+            self.run(&release, &[CONN.into()]);
+            self.fetch_in_flight = false;
+            if events.is_empty() {
+                return Ok(None);
+            }
+            if events.len() == asked {
+                self.send_fetch(CHUNK);
+            }
+            // not as the job's role: the writer switches to it itself, and the bookkeeping in
+            // `write` (dead letters) needs the worker's own rights
+            Ok::<_, pgrx::spi::Error>(Some(write(&events)))
+        })
+        .unwrap_or_else(|e| crate::spi::fail(e))
+    }
+}
+
 /// The events of an SPI result (ev_id, ev_time, ev_type, ev_data, ev_extra1), their text borrowed
 /// from the result itself: no copy per event. (pgrx's typed getters would copy each value into
 /// the transaction's memory, where a big batch's text would pile up until its commit.)
@@ -315,6 +293,8 @@ unsafe fn borrow_events<'t>(table: *mut pg_sys::SPITupleTable, n: usize) -> Vec<
     if table.is_null() {
         return Vec::new();
     }
+    // SAFETY: per the contract above; SPI_getbinval reads column i (1-based, all five exist in
+    // the query's result) of a tuple of that table, and the text datums point into it
     unsafe {
         let desc = (*table).tupdesc;
         std::slice::from_raw_parts((*table).vals, n)

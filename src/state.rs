@@ -2,9 +2,9 @@
 //! the worker). The batch bookkeeping that makes a batch apply exactly once lives here too.
 
 use crate::config::{JobConfig, LogLevel, OnError, TableList};
-use crate::route::Mode;
+use crate::event::RawEvent;
+use crate::mode::Mode;
 use crate::source::BatchInfo;
-use crate::source::RawEvent;
 use pgrx::prelude::*;
 use thiserror::Error;
 

@@ -1,0 +1,193 @@
+//! One batch, start to finish, in the order it happens: take the next batch from the source,
+//! check its position against the tick recorded here, stream its chunks into the writer at the
+//! pace the last failure asked for, park what could not be written, record the batch in the same
+//! transaction, and only after that has committed, finish it on the source.
+
+use crate::apply::{ApplyError, BatchWriter, Written};
+use crate::config::{JobConfig, OnError};
+use crate::event::Chunks;
+use crate::source::{BatchInfo, Source};
+use crate::state;
+use crate::tx::{in_transaction, try_in_transaction, SqlError};
+use pgrx::prelude::*;
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum BatchError {
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    #[error("lost position: the source hands out batch {batch_id} starting at tick {prev_tick}, but the last tick applied here is {applied}; the consumer was re-registered or moved. Drop and re-create the job (cube_dispatcher.drop) to start from the queue's current position")]
+    LostPosition { batch_id: i64, prev_tick: i64, applied: i64 },
+    #[error(transparent)]
+    Sql(#[from] SqlError),
+    /// Not retried: the job stops.
+    #[error(transparent)]
+    Unreadable(#[from] state::Unreadable),
+    #[error("batch {batch_id}: {inner}")]
+    InBatch { batch_id: i64, inner: Box<BatchError> },
+}
+
+impl BatchError {
+    fn in_batch(self, batch_id: Option<i64>) -> BatchError {
+        match batch_id {
+            Some(batch_id) => BatchError::InBatch { batch_id, inner: Box::new(self) },
+            None => self,
+        }
+    }
+
+    fn apply_error(&self) -> Option<&ApplyError> {
+        match self {
+            BatchError::Apply(e) => Some(e),
+            BatchError::InBatch { inner, .. } => inner.apply_error(),
+            _ => None,
+        }
+    }
+}
+
+/// How a batch's events are written. Bulk is the normal way; the others are for retrying a
+/// batch that failed because of its events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pace {
+    Bulk,
+    /// One event per statement, so the error names the event (on_error = retry).
+    OneByOne,
+    /// One event per subtransaction; failing events go to the dead-letter table (on_error =
+    /// dead_letter).
+    Isolating,
+}
+
+impl Pace {
+    fn write(self, writer: &mut BatchWriter, chunks: &mut impl Chunks) -> Result<Written, ApplyError> {
+        match self {
+            Pace::Bulk => writer.write_bulk(chunks),
+            Pace::OneByOne => writer.write_each(chunks, false),
+            Pace::Isolating => writer.write_each(chunks, true),
+        }
+    }
+
+    /// Dead letters keep the event's time; otherwise the source need not send it.
+    fn reads_ev_time(self) -> bool {
+        self == Pace::Isolating
+    }
+
+    /// The pace to retry a failed batch at right away, if another pace can get further: an error
+    /// about the events (not the moment) is retried event by event, with on_error = dead_letter to
+    /// set the bad ones aside, else to name the exact event. None: retry as is, after a backoff.
+    pub fn after(self, err: &BatchError, on_error: OnError) -> Option<Pace> {
+        let about_events = err.apply_error().filter(|e| !e.is_transient())?;
+        match (on_error, self) {
+            (OnError::DeadLetter, Pace::Bulk | Pace::OneByOne) => Some(Pace::Isolating),
+            (OnError::Retry, Pace::Bulk) if matches!(about_events, ApplyError::Statement { .. }) => {
+                Some(Pace::OneByOne)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Where a batch's time went, for the verbose log: says whether the source or the target is
+/// the bottleneck.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Phases {
+    /// waiting for the source: next batch, cursor, fetches not yet ready
+    source: Duration,
+    /// decoding and writing into the target
+    write: Duration,
+    /// the target commit (must reach disk before the source hears)
+    commit: Duration,
+    /// pgq.finish_batch on the source
+    finish: Duration,
+}
+
+impl std::fmt::Display for Phases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "source {:.3} s, writing {:.3} s, commit {:.3} s, finish {:.3} s",
+            self.source.as_secs_f64(),
+            self.write.as_secs_f64(),
+            self.commit.as_secs_f64(),
+            self.finish.as_secs_f64()
+        )
+    }
+}
+
+/// A batch that was done.
+pub struct Done {
+    pub batch_id: i64,
+    pub events: i64,
+    /// events set aside in cube_dispatcher.dead_letter
+    pub parked: usize,
+    /// partitions created for it
+    pub created: Vec<String>,
+    /// it had been written and committed here before, but the source had not heard
+    pub already_written: bool,
+    pub took: Duration,
+    pub phases: Phases,
+}
+
+/// Takes the next batch and does it; None when the queue has no batch ready.
+pub fn run(
+    source: &mut Source,
+    cfg: &JobConfig,
+    role: pg_sys::Oid,
+    pace: Pace,
+    recent_eps: f64,
+) -> Result<Option<Done>, BatchError> {
+    let started = Instant::now();
+    let mut batch_id = None;
+    let written = try_in_transaction(|| {
+        let Some(info) = source.next_batch(&cfg.pgq_queue_name, &cfg.pgq_consumer_id, cfg.dateformat.as_deref()) else {
+            return Ok(None);
+        };
+        batch_id = Some(info.batch_id);
+        if already_written(cfg, &info)? {
+            return Ok(Some((info, None)));
+        }
+        source.open_events(&info, cfg.mode.reads_in_ev_id_order(), pace.reads_ev_time());
+        let mut writer = BatchWriter::new(cfg, role, info.suffix.clone());
+        let written = pace.write(&mut writer, source)?;
+        source.close_events();
+        for (ev, why) in &written.parked {
+            state::dead_letter(&cfg.job_name, info.batch_id, info.suffix.as_deref(), ev, &why.to_string());
+        }
+        state::record_batch(&cfg.job_name, &info, written.events, recent_eps);
+        Ok(Some((info, Some((written, std::mem::take(&mut writer.created), Instant::now())))))
+    })
+    .map_err(|e: BatchError| e.in_batch(batch_id))?;
+    let Some((info, written)) = written else { return Ok(None) };
+    let committed = Instant::now();
+    let already_written = written.is_none();
+    let (written, created, body_done) = written.unwrap_or_else(|| (Written::default(), Vec::new(), committed));
+    in_transaction(|| source.finish_batch(info.batch_id))
+        .map_err(|e| BatchError::from(e).in_batch(Some(info.batch_id)))?;
+    let phases = Phases {
+        source: body_done.duration_since(started).saturating_sub(written.writing),
+        write: written.writing,
+        commit: committed.duration_since(body_done),
+        finish: committed.elapsed(),
+    };
+    Ok(Some(Done {
+        batch_id: info.batch_id,
+        events: written.events,
+        parked: written.parked.len(),
+        created,
+        already_written,
+        took: started.elapsed(),
+        phases,
+    }))
+}
+
+/// The position check that makes a batch apply once: the tick recorded here (in the transaction
+/// that wrote the last batch) must be where this batch starts; if it is where this batch ends,
+/// the batch was written and committed but the source never heard.
+fn already_written(cfg: &JobConfig, info: &BatchInfo) -> Result<bool, BatchError> {
+    match state::last_tick(&cfg.job_name) {
+        Some(t) if t == info.tick_id => Ok(true),
+        Some(t) if t != info.prev_tick_id => {
+            Err(BatchError::LostPosition { batch_id: info.batch_id, prev_tick: info.prev_tick_id, applied: t })
+        }
+        _ => Ok(false),
+    }
+}

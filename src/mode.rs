@@ -1,0 +1,104 @@
+//! The two modes of the original tool and every policy that depends on which one a job runs:
+//! what an event must carry, whether versions collapse, the order events are read in, whether a
+//! COPY may go on across chunks, and the default template. Pure Rust.
+
+use crate::decode::{Op, Row};
+use thiserror::Error;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Every insert and update adds a row: a partition holds every version seen that period.
+    KeepAll,
+    /// A partition holds the last version of each key: writes replace, deletes remove.
+    KeepLatest,
+}
+
+/// What a mode refuses in an event.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ModeError {
+    #[error("delete not supported in keep_all mode")]
+    DeleteInKeepAll,
+    #[error("keep_latest needs primary key columns, but ev_type lists none")]
+    NoPrimaryKey,
+    #[error("primary key column {0:?} is missing from ev_data")]
+    KeyColumnMissing(String),
+}
+
+impl Mode {
+    pub fn parse(s: &str) -> Option<Mode> {
+        match s {
+            "keep_all" => Some(Mode::KeepAll),
+            "keep_latest" => Some(Mode::KeepLatest),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::KeepAll => "keep_all",
+            Mode::KeepLatest => "keep_latest",
+        }
+    }
+
+    /// Checks an event before it is written: keep_all cannot delete (as in the original),
+    /// keep_latest needs the key to find the row it replaces.
+    pub fn check(self, op: Op, pkey: &[String], row: &Row) -> Result<(), ModeError> {
+        match self {
+            Mode::KeepAll if op == Op::Delete => Err(ModeError::DeleteInKeepAll),
+            Mode::KeepAll => Ok(()),
+            Mode::KeepLatest if pkey.is_empty() => Err(ModeError::NoPrimaryKey),
+            Mode::KeepLatest => match pkey.iter().find(|k| !row.iter().any(|(c, _)| c == *k)) {
+                Some(k) => Err(ModeError::KeyColumnMissing(k.clone())),
+                None => Ok(()),
+            },
+        }
+    }
+
+    /// keep_all keeps every version; keep_latest collapses a key's versions to the last one.
+    pub fn keeps_every_version(self) -> bool {
+        self == Mode::KeepAll
+    }
+
+    /// keep_latest must see a key's versions in ev_id order; keep_all's result does not depend on
+    /// the order, so the source may stream the batch without sorting it first.
+    pub fn reads_in_ev_id_order(self) -> bool {
+        self == Mode::KeepLatest
+    }
+
+    /// keep_all only inserts, so one COPY may go on across the chunks of a batch; in keep_latest
+    /// the next chunk's deletes must see this chunk's rows first.
+    pub fn may_continue_copy(self) -> bool {
+        self == Mode::KeepAll
+    }
+
+    /// The original's template; a keep_all partition holds several versions of a key, so it gets
+    /// no primary key.
+    pub fn default_template(self) -> &'static str {
+        match self {
+            Mode::KeepLatest => {
+                "create table _DEST_TABLE (like _PARENT); alter table only _DEST_TABLE add primary key (_PKEY);"
+            }
+            Mode::KeepAll => "create table _DEST_TABLE (like _PARENT);",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::parse_row;
+
+    #[test]
+    fn each_mode_refuses_what_it_cannot_write() {
+        let row = parse_row(Some("id=1&txt=x")).unwrap();
+        let id = ["id".to_string()];
+        assert_eq!(Mode::KeepAll.check(Op::Delete, &id, &row), Err(ModeError::DeleteInKeepAll));
+        assert_eq!(Mode::KeepAll.check(Op::Insert, &[], &row), Ok(()));
+        assert_eq!(Mode::KeepLatest.check(Op::Update, &[], &row), Err(ModeError::NoPrimaryKey));
+        assert_eq!(
+            Mode::KeepLatest.check(Op::Delete, &["line".to_string()], &row),
+            Err(ModeError::KeyColumnMissing("line".into()))
+        );
+        assert_eq!(Mode::KeepLatest.check(Op::Delete, &id, &row), Ok(()));
+    }
+}
