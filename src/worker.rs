@@ -62,11 +62,14 @@ pub fn launch(job: &str) -> Result<i32, LaunchError> {
 
 struct Worker {
     job: String,
+    pid: i32,
     /// The role that started the job: source reads and target writes run as it.
     run_as: pg_sys::Oid,
     config: JobConfig,
     config_version: i64,
     source: Source,
+    /// whether this process has registered the consumer (a no-op when it exists)
+    registered: bool,
     pace: Pace,
     backoff: Duration,
     window: (Instant, i64, i64),
@@ -265,12 +268,8 @@ fn refuse_to_run(job: &str, pid: i32, e: state::Unreadable) {
     });
 }
 
-#[pg_guard]
-#[unsafe(no_mangle)]
-pub extern "C-unwind" fn cube_dispatcher_worker_main(arg: pg_sys::Datum) {
-    let job = BackgroundWorker::get_extra().to_string();
-    let db = pg_sys::Oid::from(arg.value() as u32);
-
+/// Signals and allocator, before anything else runs in the process.
+fn set_up_process() {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP);
     // SAFETY: installing handlers before the process does anything else, as PostgreSQL's own
     // processes do; both handlers are async-signal-safe.
@@ -280,10 +279,6 @@ pub extern "C-unwind" fn cube_dispatcher_worker_main(arg: pg_sys::Datum) {
         // progress is aborted at the next interrupt check and nothing half-done is committed.
         pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(postgres_die));
     }
-    // Bookkeeping in the extension's private tables runs as the bootstrap superuser; everything
-    // an event can influence runs as the job's role (see roles.rs).
-    BackgroundWorker::connect_worker_to_spi_by_oid(Some(db), Some(pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID)));
-
     // Every chunk allocates and frees buffers of a few MiB (the fetched events, the COPY text).
     // glibc would map and unmap each one, and the kernel would zero fresh pages for it every
     // time (7 % of a drain here): keep such blocks in the heap and freed memory for reuse.
@@ -293,8 +288,10 @@ pub extern "C-unwind" fn cube_dispatcher_worker_main(arg: pg_sys::Datum) {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 20);
     }
-    // SAFETY: a backend global, set at process start
-    let pid = unsafe { pg_sys::MyProcPid };
+}
+
+/// Session settings the worker's guarantees rest on; without them it must not run.
+fn settle_session(job: &str) {
     let settled = in_transaction(|| {
         // first of all: the database's or role's search_path must not reach the bookkeeping
         crate::roles::pin_search_path();
@@ -306,91 +303,120 @@ pub extern "C-unwind" fn cube_dispatcher_worker_main(arg: pg_sys::Datum) {
         // FATAL, not a return: the postmaster starts the worker again after RESTART_DELAY
         ereport!(FATAL, PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("cube_dispatcher job {job}: {e}"));
     }
-    // Waits for start()'s transaction when it has not committed yet; fails if it rolled back.
-    let row = in_transaction(|| {
-        state::worker_started(&job, pid);
-        state::load_job(&job)
-    });
-    let row = match row {
-        Ok(Ok(Some(r))) if r.enabled => r,
-        Ok(Err(e)) => return refuse_to_run(&job, pid, e),
-        Ok(Ok(_)) => {
-            in_transaction(|| {
-                state::set_stopped(&job, Some(pid));
-            })
-            .ok();
-            return; // stopped or dropped meanwhile: exit 0, so the postmaster does not restart us
-        }
-        Err(e) => {
-            log!("cube_dispatcher job {job}: not starting: {e}");
-            return;
-        }
-    };
-    let mut w = Worker {
-        run_as: row.run_as,
-        source: Source::new(row.run_as, &row.config.src_db, Duration::from_secs_f64(row.config.connection_lifetime)),
-        job: job.clone(),
-        config: row.config,
-        config_version: row.config_version,
-        pace: Pace::Bulk,
-        backoff: Duration::from_secs(1),
-        window: (Instant::now(), 0, 0),
-        last_lag_update: None,
-        recent_eps: 0.0,
-    };
-    let _ = in_transaction(|| {
-        set_lock_timeout(&w.config);
-    });
-    w.log(
-        LogLevel::Normal,
-        &format!(
-            "started (pid {pid}): queue {}, consumer {}, mode {}, source {}",
-            w.config.pgq_queue_name,
-            w.config.pgq_consumer_id,
-            w.config.mode.as_str(),
-            mask_password(&w.config.src_db)
-        ),
-    );
+}
 
-    let mut registered = false;
-    while !stop_requested() {
-        match w.pick_up_reload() {
-            Ok(()) => {}
-            Err(BatchError::Unreadable(e)) => return refuse_to_run(&job, pid, e),
+impl Worker {
+    /// Records this process as the job's worker and loads the job. Waits for start()'s
+    /// transaction when it has not committed yet. None: the job is not to run (stopped, dropped,
+    /// start() rolled back, or its definition is unreadable); the process then exits with 0, so
+    /// the postmaster does not start it again.
+    fn announce(job: &str, pid: i32) -> Option<Worker> {
+        let row = match in_transaction(|| {
+            state::worker_started(job, pid);
+            state::load_job(job)
+        }) {
+            Ok(Ok(Some(r))) if r.enabled => r,
+            Ok(Err(e)) => {
+                refuse_to_run(job, pid, e);
+                return None;
+            }
+            Ok(Ok(_)) => {
+                let _ = in_transaction(|| state::set_stopped(job, Some(pid)));
+                return None;
+            }
             Err(e) => {
-                w.failed(e);
+                log!("cube_dispatcher job {job}: not starting: {e}");
+                return None;
+            }
+        };
+        let w = Worker {
+            run_as: row.run_as,
+            source: Source::new(
+                row.run_as,
+                &row.config.src_db,
+                Duration::from_secs_f64(row.config.connection_lifetime),
+            ),
+            job: job.to_string(),
+            pid,
+            config: row.config,
+            config_version: row.config_version,
+            registered: false,
+            pace: Pace::Bulk,
+            backoff: Duration::from_secs(1),
+            window: (Instant::now(), 0, 0),
+            last_lag_update: None,
+            recent_eps: 0.0,
+        };
+        let _ = in_transaction(|| set_lock_timeout(&w.config));
+        w.log(
+            LogLevel::Normal,
+            &format!(
+                "started (pid {pid}): queue {}, consumer {}, mode {}, source {}",
+                w.config.pgq_queue_name,
+                w.config.pgq_consumer_id,
+                w.config.mode.as_str(),
+                mask_password(&w.config.src_db)
+            ),
+        );
+        Some(w)
+    }
+
+    /// start() registers the consumer; a worker does it once more (a no-op when it exists), so a
+    /// job resumed after a restart finds its consumer even if the queue was re-created.
+    fn register(&mut self) -> Result<(), BatchError> {
+        if !self.registered {
+            let (q, c, source) = (&self.config.pgq_queue_name, &self.config.pgq_consumer_id, &mut self.source);
+            in_transaction(|| source.register(q, c))?;
+            self.registered = true;
+        }
+        Ok(())
+    }
+
+    /// Batches until a stop is requested; SIGTERM leaves through die() instead.
+    fn run(&mut self) {
+        while !stop_requested() {
+            let ready = self.pick_up_reload().and_then(|()| self.register());
+            if let Err(e) = ready {
+                match e {
+                    BatchError::Unreadable(e) => return refuse_to_run(&self.job, self.pid, e),
+                    e => self.failed(e),
+                }
                 continue;
             }
-        }
-        if !registered {
-            let (q, c) = (w.config.pgq_queue_name.clone(), w.config.pgq_consumer_id.clone());
-            let source = &mut w.source;
-            match in_transaction(|| {
-                source.register(&q, &c);
-            }) {
-                Ok(()) => registered = true,
-                Err(e) => {
-                    w.failed(e.into());
-                    continue;
+            match batch::run(&mut self.source, &self.config, self.run_as, self.pace, self.recent_eps) {
+                Ok(None) => {
+                    self.idle();
+                    wait(Duration::from_secs_f64(self.config.loop_delay));
                 }
+                Ok(Some(done)) => {
+                    self.done(&done);
+                    pg_sys::check_for_interrupts!();
+                    process_config_reload();
+                }
+                Err(e) => self.failed(e),
             }
         }
-        match batch::run(&mut w.source, &w.config, w.run_as, w.pace, w.recent_eps) {
-            Ok(None) => {
-                w.idle();
-                wait(Duration::from_secs_f64(w.config.loop_delay));
-            }
-            Ok(Some(done)) => {
-                w.done(&done);
-                pg_sys::check_for_interrupts!();
-                process_config_reload();
-            }
-            Err(e) => w.failed(e),
-        }
+        let _ = in_transaction(|| {
+            self.source.disconnect();
+            state::set_stopped(&self.job, Some(self.pid));
+        });
+        self.log(LogLevel::Normal, "stopped");
     }
-    let _ = in_transaction(|| {
-        w.source.disconnect();
-        state::set_stopped(&job, Some(pid));
-    });
-    w.log(LogLevel::Normal, "stopped");
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn cube_dispatcher_worker_main(arg: pg_sys::Datum) {
+    let job = BackgroundWorker::get_extra().to_string();
+    set_up_process();
+    // Bookkeeping in the extension's private tables runs as the bootstrap superuser; everything
+    // an event can influence runs as the job's role (see roles.rs).
+    let db = pg_sys::Oid::from(arg.value() as u32);
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(db), Some(pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID)));
+    settle_session(&job);
+    // SAFETY: a backend global, set at process start
+    let pid = unsafe { pg_sys::MyProcPid };
+    if let Some(mut w) = Worker::announce(&job, pid) {
+        w.run();
+    }
 }
