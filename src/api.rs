@@ -70,6 +70,9 @@ fn setting(name: &str) -> Option<String> {
 /// validates them; errors name the GUC.
 fn read_config(job: &str) -> Result<JobConfig, ApiError> {
     config::validate_job_name(job).map_err(ApiError::BadJobName)?;
+    let config_error = |err| ApiError::Config { job: job.to_string(), err };
+    config::check_names(job, placeholder_settings().iter().map(String::as_str), &crate::gucs::NAMES)
+        .map_err(config_error)?;
     let mut found = Vec::new();
     for opt in OPTIONS {
         let job_level = config::job_guc(job, opt);
@@ -79,7 +82,31 @@ fn read_config(job: &str) -> Result<JobConfig, ApiError> {
     }
     let lookup = |opt: &str| found.iter().find(|(o, _)| o == opt).and_then(|(_, v)| v.clone());
     let db = Spi::get_one::<String>("SELECT current_database()::text").ok().flatten().unwrap_or_default();
-    JobConfig::from_settings(job, &lookup, &db).map_err(|err| ApiError::Config { job: job.to_string(), err })
+    JobConfig::from_settings(job, &lookup, &db).map_err(config_error)
+}
+
+/// The names of the settings this session has under `cube_dispatcher.` that no module defined:
+/// job options are such placeholders. pg_settings does not show placeholders, so the GUC table
+/// is read directly; only those with a non-empty value count (RESET leaves the placeholder).
+fn placeholder_settings() -> Vec<String> {
+    let mut names = Vec::new();
+    // SAFETY: the GUC table of this backend, read (not changed) between statements; every entry
+    // has a NUL-terminated name
+    unsafe {
+        let vars = pg_sys::get_guc_variables();
+        for i in 0..pg_sys::GetNumConfigOptions() as usize {
+            let var = &**vars.add(i);
+            if var.flags & pg_sys::GUC_CUSTOM_PLACEHOLDER as i32 == 0 {
+                continue;
+            }
+            let name = std::ffi::CStr::from_ptr(var.name);
+            let value = pg_sys::GetConfigOption(var.name, true, false);
+            if name.to_bytes().starts_with(b"cube_dispatcher.") && !value.is_null() && *value != 0 {
+                names.push(name.to_string_lossy().into_owned());
+            }
+        }
+    }
+    names
 }
 
 fn signal(pid: i32, sig: i32) {

@@ -130,6 +130,49 @@ pub enum ConfigError {
     Missing { guc: String },
     #[error("invalid value {value:?} for {guc}: {why}")]
     Invalid { guc: String, value: String, why: &'static str },
+    #[error("{guc} is not an option of cube_dispatcher{}", match .nearest { Some(n) => format!("; did you mean {n}?"), None => String::new() })]
+    Unknown { guc: String, nearest: Option<String> },
+}
+
+/// Settings under `cube_dispatcher.` that this job would read but that name no option: a typo
+/// the original tool silently ignored. `names` are the settings the session has; a job's own
+/// (`cube_dispatcher.<job>.<x>`) and the defaults for every job (`cube_dispatcher.<x>`) are
+/// checked, other jobs' settings are theirs. `server` lists the extension's own GUCs.
+pub fn check_names<'n>(job: &str, names: impl Iterator<Item = &'n str>, server: &[&str]) -> Result<(), ConfigError> {
+    for guc in names {
+        let lower = guc.to_ascii_lowercase();
+        let Some(rest) = lower.strip_prefix("cube_dispatcher.") else { continue };
+        let (prefix, option) = match rest.split_once('.') {
+            Some((j, o)) if j == job => (format!("cube_dispatcher.{job}."), o),
+            Some(_) => continue,
+            None if server.contains(&rest) => continue,
+            None => ("cube_dispatcher.".to_string(), rest),
+        };
+        if !OPTIONS.contains(&option) {
+            let nearest = nearest_option(option).map(|n| format!("{prefix}{n}"));
+            return Err(ConfigError::Unknown { guc: guc.to_string(), nearest });
+        }
+    }
+    Ok(())
+}
+
+/// The option `name` is closest to, at most two edits away (Levenshtein).
+fn nearest_option(name: &str) -> Option<&'static str> {
+    let distance = |a: &str, b: &str| {
+        let b: Vec<char> = b.chars().collect();
+        let mut row: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut diagonal = row[0];
+            row[0] = i + 1;
+            for (j, cb) in b.iter().enumerate() {
+                let next = (row[j + 1] + 1).min(row[j] + 1).min(diagonal + usize::from(ca != *cb));
+                diagonal = row[j + 1];
+                row[j + 1] = next;
+            }
+        }
+        row[b.len()]
+    };
+    OPTIONS.iter().map(|o| (distance(name, o), *o)).filter(|(d, _)| *d <= 2).min().map(|(_, o)| o)
 }
 
 /// GUC names are case-folded identifiers joined by dots, so a job name must be one.
@@ -476,5 +519,31 @@ mod tests {
         for (conn, want) in cases {
             assert_eq!(mask_password(conn), want, "{conn}");
         }
+    }
+
+    #[test]
+    fn misspelt_settings_are_named_with_the_nearest_option() {
+        let check = |names: &[&str]| check_names("sales", names.iter().copied(), &["databases"]);
+        assert_eq!(
+            check(&["cube_dispatcher.sales.mode", "cube_dispatcher.loop_delay", "cube_dispatcher.databases"]),
+            Ok(())
+        );
+        // another job's settings are not this job's business
+        assert_eq!(check(&["cube_dispatcher.other.modee"]), Ok(()));
+        assert_eq!(
+            check(&["cube_dispatcher.sales.modee"]).unwrap_err().to_string(),
+            "cube_dispatcher.sales.modee is not an option of cube_dispatcher; did you mean cube_dispatcher.sales.mode?"
+        );
+        assert_eq!(
+            check(&["cube_dispatcher.pgq_queue"]).unwrap_err().to_string(),
+            "cube_dispatcher.pgq_queue is not an option of cube_dispatcher"
+        );
+        assert_eq!(
+            check(&["cube_dispatcher.Sales.Dateformt"]),
+            Err(ConfigError::Unknown {
+                guc: "cube_dispatcher.Sales.Dateformt".into(),
+                nearest: Some("cube_dispatcher.sales.dateformat".into())
+            })
+        );
     }
 }

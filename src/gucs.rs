@@ -5,6 +5,9 @@
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use std::ffi::CString;
 
+/// The settings below, without the `cube_dispatcher.` prefix: never taken for misspelt job options.
+pub const NAMES: [&str; 1] = ["databases"];
+
 pub static DATABASES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 pub fn register() {

@@ -32,6 +32,8 @@ fn validation_errors_name_the_setting() {
         (format!("SET cube_dispatcher.v.src_db = {src}; SET cube_dispatcher.v.pgq_queue_name = 'q'; SET cube_dispatcher.v.dst_db = 'dbname=elsewhere'; SELECT cube_dispatcher.start('v')"), "for cube_dispatcher.v.dst_db"),
         (format!("SET cube_dispatcher.v.src_db = {src}; SET cube_dispatcher.v.pgq_queue_name = 'nosuchqueue'; SELECT cube_dispatcher.start('v')"), "nosuchqueue"),
         ("SELECT cube_dispatcher.start('Bad-Name')".into(), "invalid job name"),
+        // the original ignored typos; here a misspelt option is an error naming the nearest one
+        (format!("SET cube_dispatcher.v.src_db = {src}; SET cube_dispatcher.v.pgq_queue_name = 'q'; SET cube_dispatcher.v.modee = 'keep_all'; SELECT cube_dispatcher.start('v')"), "cube_dispatcher.v.modee is not an option of cube_dispatcher; did you mean cube_dispatcher.v.mode?"),
     ];
     for (sql, want) in cases {
         let err = c.try_exec("target", &sql).expect_err(&sql);
