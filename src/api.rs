@@ -57,9 +57,10 @@ impl ApiError {
     }
 }
 
-/// The body of a control function: an ApiError becomes the SQL error.
+/// The body of a control function: runs with the pinned search_path (see roles.rs); an ApiError
+/// becomes the SQL error.
 fn edge<R>(f: impl FnOnce() -> Result<R, ApiError>) -> R {
-    f().unwrap_or_else(|e| e.raise())
+    roles::with_safe_search_path(f).unwrap_or_else(|e| e.raise())
 }
 
 fn setting(name: &str) -> Option<String> {
@@ -255,7 +256,11 @@ pub fn mask_password_sql(conninfo: &str) -> String {
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn replay_dead_letters(job: &str) -> i64 {
-    let row = edge(|| existing_job(job));
+    edge(|| replay(job))
+}
+
+fn replay(job: &str) -> Result<i64, ApiError> {
+    let row = existing_job(job)?;
     let letters: Vec<(i64, Option<String>, RawEvent<'static>)> = Spi::connect(|c| {
         let rows = c.select(
             "SELECT id, suffix, ev_id, ev_time::text, ev_type, ev_data, ev_extra1
@@ -292,5 +297,5 @@ fn replay_dead_letters(job: &str) -> i64 {
             ),
         }
     }
-    written
+    Ok(written)
 }

@@ -9,7 +9,9 @@
 //! Every SQL text this extension runs with more rights than its caller resolves names through
 //! SAFE_SEARCH_PATH and nothing else:
 //! - the SECURITY DEFINER functions carry it on their definition (`#[search_path(pg_catalog,
-//!   pg_temp)]`; a test checks every such function of the extension has exactly this setting);
+//!   pg_temp)]`; a test checks every such function of the extension has exactly this setting),
+//!   and set it themselves too (`with_safe_search_path`), for installations whose definitions
+//!   predate the clause;
 //! - the worker and resume sessions set it first thing (`pin_search_path`), over whatever the
 //!   database or role defaults say;
 //! - code run as the job's role goes through `as_role`, which rolls back every setting that code
@@ -28,6 +30,34 @@ use std::panic::AssertUnwindSafe;
 
 /// See the module comment; keep in sync with the `#[search_path]` of the functions in api.rs.
 pub const SAFE_SEARCH_PATH: &str = "pg_catalog, pg_temp";
+
+/// Runs `f` with SAFE_SEARCH_PATH, restored afterwards, the way a function's `SET search_path`
+/// clause works (fmgr_security_definer). The control functions carry that clause as well; this
+/// keeps them safe where it is missing — a 0.1.0 installation running this library before
+/// `ALTER EXTENSION ... UPDATE`. On error the (sub)transaction abort restores the path.
+pub fn with_safe_search_path<R>(f: impl FnOnce() -> R) -> R {
+    let path = std::ffi::CString::new(SAFE_SEARCH_PATH).expect("no NUL");
+    // SAFETY: a GUC nest level opened here and closed below on the normal path (by the abort
+    // otherwise); GUC_ACTION_SAVE is what fmgr uses for a function's SET clause
+    let nest = unsafe {
+        let nest = pg_sys::NewGUCNestLevel();
+        pg_sys::set_config_option(
+            c"search_path".as_ptr(),
+            path.as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            0,
+            false,
+        );
+        nest
+    };
+    let r = f();
+    // SAFETY: closes the nest level opened above, restoring the caller's path
+    unsafe { pg_sys::AtEOXact_GUC(true, nest) };
+    r
+}
 
 /// For the worker's and the resume worker's sessions: a session setting, so it outlives the
 /// transaction; `as_role` keeps code of the job's role from changing it.

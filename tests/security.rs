@@ -291,19 +291,33 @@ fn control_functions_never_run_what_their_caller_planted() {
          SET cube_dispatcher.mjob.loop_delay = '0.2'; SET cube_dispatcher.mjob.on_error = 'dead_letter';",
         literal(&op_conninfo(&c, true))
     );
-    let _ = call("start", &settings);
-    assert_traps_ran_only_as(&c, "op", "start");
-    // a row op may write and one it may not (a dead letter), so replay has work to do
-    c.source_sql("INSERT INTO orders VALUES (1, 'mine'); INSERT INTO secret VALUES (1, 'not yours')");
-    c.tick("q");
-    c.wait_caught_up("q", "mjob");
-    assert_eq!(c.count("target", "cube_dispatcher.dead_letter"), 1);
-    for f in ["reload", "replay_dead_letters", "stop", "start", "kill", "drop"] {
-        let _ = call(f, &settings);
-        assert_traps_ran_only_as(&c, "op", f);
-    }
-    assert_eq!(c.count("target", "cube_dispatcher.job"), 0, "drop() did its work");
-    assert_eq!(c.count("target", &format!("orders_{}", c.suffix("YYYY_MM_DD"))), 1);
+    let attack = |round: i32, what: &str| {
+        let _ = call("start", &settings);
+        assert_traps_ran_only_as(&c, "op", &format!("start, {what}"));
+        // a row op may write and one it may not (a dead letter), so replay has work to do
+        c.source_sql(&format!(
+            "INSERT INTO orders VALUES ({round}, 'mine'); INSERT INTO secret VALUES ({round}, 'no')"
+        ));
+        c.tick("q");
+        c.wait_caught_up("q", "mjob");
+        assert_eq!(c.count("target", "cube_dispatcher.dead_letter"), 1);
+        for f in ["reload", "replay_dead_letters", "stop", "start", "kill", "drop"] {
+            let _ = call(f, &settings);
+            assert_traps_ran_only_as(&c, "op", &format!("{f}, {what}"));
+        }
+        assert_eq!(c.count("target", "cube_dispatcher.job"), 0, "drop() did its work");
+        assert_eq!(c.count("target", &format!("orders_{}", c.suffix("YYYY_MM_DD"))), i64::from(round));
+    };
+    attack(1, "functions as installed");
+    // Without the SET clauses on the definitions, as a 0.1.0 installation has them until
+    // ALTER EXTENSION ... UPDATE: the functions still pin the path themselves.
+    c.target_sql(
+        "ALTER FUNCTION cube_dispatcher.start(text) RESET search_path; ALTER FUNCTION cube_dispatcher.stop(text) RESET search_path;
+         ALTER FUNCTION cube_dispatcher.kill(text) RESET search_path; ALTER FUNCTION cube_dispatcher.reload(text) RESET search_path;
+         ALTER FUNCTION cube_dispatcher.drop(text) RESET search_path;
+         ALTER FUNCTION cube_dispatcher.replay_dead_letters(text) RESET search_path",
+    );
+    attack(2, "functions without their SET clause");
 }
 
 #[test]
