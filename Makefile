@@ -3,6 +3,7 @@ PG_CONFIG  ?= /usr/lib/postgresql/15/bin/pg_config
 PGRX_DATA  ?= /tmp/cube-dispatcher-pgrx
 E2E_THREADS ?= 3
 SUDO_FLAG  := $(if $(filter 0,$(shell id -u)),,--sudo)
+SUDO       := $(if $(filter 0,$(shell id -u)),,sudo)
 RUNAS      := $(if $(filter 0,$(shell id -u)),--runas postgres --pgdata $(PGRX_DATA)/data,)
 
 .PHONY: all setup build install unit pgrx-test e2e test demo bench clean
@@ -19,6 +20,9 @@ build: setup
 # first: the .so is replaced in place.
 install: setup
 	cargo pgrx install --release --pg-config $(PG_CONFIG) $(SUDO_FLAG)
+	@# install scripts of released versions, frozen (pgrx itself installs only the current one and
+	@# the upgrade scripts): CREATE EXTENSION ... VERSION '0.1.0' for the upgrade test
+	$(SUDO) install -m 644 sql/frozen/*.sql $$($(PG_CONFIG) --sharedir)/extension/
 
 unit: setup
 	cargo test --lib

@@ -7,7 +7,7 @@ CREATE TABLE cube_dispatcher.job (
     mode                text NOT NULL CHECK (mode IN ('keep_all', 'keep_latest')),
     dateformat          text NOT NULL,          -- '' turns partitioning off
     part_template       text,                   -- NULL: the default for the mode
-    loop_delay          float8 NOT NULL CHECK (loop_delay > 0),
+    loop_delay          float8 NOT NULL CHECK (loop_delay >= 0),
     connection_lifetime float8 NOT NULL CHECK (connection_lifetime > 0),
     lock_timeout        float8 NOT NULL DEFAULT 60 CHECK (lock_timeout > 0),
     log_level           text NOT NULL CHECK (log_level IN ('quiet', 'normal', 'verbose')),
@@ -31,7 +31,7 @@ CREATE TABLE cube_dispatcher.job_state (
     events_done     bigint NOT NULL DEFAULT 0,
     lag             interval,
     recent_eps      float8,
-    state           text NOT NULL DEFAULT 'stopped' CHECK (state IN ('starting', 'running', 'retrying', 'stopped')),
+    state           text NOT NULL DEFAULT 'stopped' CHECK (state IN ('running', 'retrying', 'stopped')),
     pid             integer,
     started_at      timestamptz,
     last_error      text,

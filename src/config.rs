@@ -236,18 +236,20 @@ impl JobConfig {
             Some((v, _)) => Some(v),
         };
         let part_template = get("part_template").map(|(v, _)| v);
-        let seconds = |opt: &str, default: f64| -> Result<f64, ConfigError> {
+        // `zero`: 0 is allowed (loop_delay: ask again at once, as the original accepted)
+        let seconds = |opt: &str, default: f64, zero: bool| -> Result<f64, ConfigError> {
             match get(opt) {
                 None => Ok(default),
                 Some((v, guc)) => match v.trim().parse::<f64>() {
-                    Ok(x) if x.is_finite() && x > 0.0 && x <= 86_400.0 => Ok(x),
+                    Ok(x) if x.is_finite() && (x > 0.0 || (zero && x == 0.0)) && x <= 86_400.0 => Ok(x),
+                    _ if zero => Err(invalid(guc, &v, "expected a number of seconds from 0 to 86400")),
                     _ => Err(invalid(guc, &v, "expected a number of seconds greater than 0 and at most 86400")),
                 },
             }
         };
-        let loop_delay = seconds("loop_delay", 1.0)?;
-        let connection_lifetime = seconds("connection_lifetime", 1200.0)?;
-        let lock_timeout = seconds("lock_timeout", 60.0)?;
+        let loop_delay = seconds("loop_delay", 1.0, true)?;
+        let connection_lifetime = seconds("connection_lifetime", 1200.0, false)?;
+        let lock_timeout = seconds("lock_timeout", 60.0, false)?;
         let log_level =
             choice(get("log_level"), LogLevel::Normal, LogLevel::parse, "expected quiet, normal or verbose")?;
         let tables = match get("tables") {
@@ -442,6 +444,7 @@ mod tests {
         assert_eq!(c.on_error, OnError::DeadLetter);
         assert_eq!((c.mode, c.dateformat, c.part_template.as_deref()), (Mode::KeepAll, None, Some("")));
         assert_eq!((c.loop_delay, c.pgq_consumer_id.as_str(), c.log_level), (0.25, "c1", LogLevel::Verbose));
+        assert_eq!(cfg(&with(&[("loop_delay", "0")])).unwrap().loop_delay, 0.0, "the original accepted 0");
     }
 
     #[test]
@@ -451,7 +454,8 @@ mod tests {
             (vec![("src_db", "dbname=x")], "cube_dispatcher.sales.pgq_queue_name is not set"),
             (vec![("src_db", " "), ("pgq_queue_name", "q")], "cube_dispatcher.sales.src_db is not set"),
             (with(&[("mode", "keep_some")]), "invalid value \"keep_some\" for cube_dispatcher.sales.mode"),
-            (with(&[("loop_delay", "0")]), "for cube_dispatcher.sales.loop_delay"),
+            (with(&[("loop_delay", "-1")]), "for cube_dispatcher.sales.loop_delay"),
+            (with(&[("connection_lifetime", "0")]), "for cube_dispatcher.sales.connection_lifetime"),
             (with(&[("loop_delay", "soon")]), "for cube_dispatcher.sales.loop_delay"),
             (with(&[("connection_lifetime", "-5")]), "for cube_dispatcher.sales.connection_lifetime"),
             (with(&[("log_level", "loud")]), "for cube_dispatcher.sales.log_level"),

@@ -36,7 +36,8 @@ fn server_cmd(program: &str) -> Command {
     }
 }
 
-fn run(mut c: Command, what: &str) {
+/// Runs a program to completion; panics with its output if it fails, else returns its stdout.
+pub fn run(mut c: Command, what: &str) -> String {
     let out = c.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("{what}: {e}"));
     assert!(
         out.status.success(),
@@ -44,6 +45,7 @@ fn run(mut c: Command, what: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 impl Cluster {
