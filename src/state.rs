@@ -31,8 +31,66 @@ pub fn job_owner(job: &str) -> Option<pg_sys::Oid> {
     crate::spi::value("SELECT run_as FROM cube_dispatcher.job WHERE job_name = $1", &[job.into()])
 }
 
+/// A job row as stored, before its words are parsed.
+struct StoredJob {
+    src_db: String,
+    queue: String,
+    consumer: String,
+    mode: String,
+    dateformat: String,
+    part_template: Option<String>,
+    loop_delay: Option<f64>,
+    connection_lifetime: Option<f64>,
+    lock_timeout: Option<f64>,
+    log_level: String,
+    on_error: String,
+    tables: Option<String>,
+    enabled: bool,
+    run_as: pg_sys::Oid,
+    config_version: i64,
+}
+
+impl StoredJob {
+    fn parse(self, job: &str) -> Result<JobRow, Unreadable> {
+        let unreadable = |column, value: &str| Unreadable { job: job.to_string(), column, value: value.to_string() };
+        // a stored value that does not read back is an error, never a default
+        fn word<T>(
+            value: &str,
+            parse: fn(&str) -> Option<T>,
+            fail: impl FnOnce() -> Unreadable,
+        ) -> Result<T, Unreadable> {
+            parse(value).ok_or_else(fail)
+        }
+        let seconds = |column, v: Option<f64>| v.ok_or_else(|| unreadable(column, "NULL"));
+        let tables = match &self.tables {
+            None => None,
+            Some(t) => Some(word(t, TableList::parse, || unreadable("tables", t))?),
+        };
+        Ok(JobRow {
+            config: JobConfig {
+                job_name: job.to_string(),
+                src_db: self.src_db,
+                pgq_queue_name: self.queue,
+                pgq_consumer_id: self.consumer,
+                mode: word(&self.mode, Mode::parse, || unreadable("mode", &self.mode))?,
+                dateformat: (!self.dateformat.is_empty()).then_some(self.dateformat),
+                part_template: self.part_template,
+                loop_delay: seconds("loop_delay", self.loop_delay)?,
+                connection_lifetime: seconds("connection_lifetime", self.connection_lifetime)?,
+                log_level: word(&self.log_level, LogLevel::parse, || unreadable("log_level", &self.log_level))?,
+                on_error: word(&self.on_error, OnError::parse, || unreadable("on_error", &self.on_error))?,
+                tables,
+                lock_timeout: seconds("lock_timeout", self.lock_timeout)?,
+            },
+            enabled: self.enabled,
+            run_as: self.run_as,
+            config_version: self.config_version,
+        })
+    }
+}
+
 pub fn load_job(job: &str) -> Result<Option<JobRow>, Unreadable> {
-    let row = Spi::connect(|c| {
+    let stored = Spi::connect(|c| {
         let rows = c.select(
             "SELECT src_db, pgq_queue_name, pgq_consumer_id, mode, dateformat, part_template,
                     loop_delay, connection_lifetime, log_level, enabled, run_as, config_version, on_error, tables, lock_timeout
@@ -45,47 +103,26 @@ pub fn load_job(job: &str) -> Result<Option<JobRow>, Unreadable> {
         }
         let r = rows.first();
         let text = |i| r.get::<String>(i).map(Option::unwrap_or_default);
-        Ok::<_, pgrx::spi::Error>(Some((
-            [text(1)?, text(2)?, text(3)?, text(4)?, text(5)?, text(9)?, text(13)?],
-            r.get::<String>(6)?,
-            r.get::<String>(14)?,
-            [r.get::<f64>(7)?, r.get::<f64>(8)?, r.get::<f64>(15)?],
-            (r.get::<bool>(10)?, r.get::<pg_sys::Oid>(11)?, r.get::<i64>(12)?),
-        )))
+        Ok::<_, pgrx::spi::Error>(Some(StoredJob {
+            src_db: text(1)?,
+            queue: text(2)?,
+            consumer: text(3)?,
+            mode: text(4)?,
+            dateformat: text(5)?,
+            part_template: r.get(6)?,
+            loop_delay: r.get(7)?,
+            connection_lifetime: r.get(8)?,
+            log_level: text(9)?,
+            enabled: r.get(10)?.unwrap_or(false),
+            run_as: r.get(11)?.unwrap_or(pg_sys::InvalidOid),
+            config_version: r.get(12)?.unwrap_or(0),
+            on_error: text(13)?,
+            tables: r.get(14)?,
+            lock_timeout: r.get(15)?,
+        }))
     })
     .unwrap_or_else(|e| crate::spi::fail(e));
-    let Some(([src_db, queue, consumer, mode, dateformat, log_level, on_error], part_template, tables, secs, flags)) =
-        row
-    else {
-        return Ok(None);
-    };
-    let unreadable = |column, value: &str| Unreadable { job: job.to_string(), column, value: value.to_string() };
-    let tables = match tables {
-        None => None,
-        Some(t) => Some(TableList::parse(&t).ok_or_else(|| unreadable("tables", &t))?),
-    };
-    let [loop_delay, connection_lifetime, lock_timeout] = secs;
-    let seconds = |column, v: Option<f64>| v.ok_or_else(|| unreadable(column, "NULL"));
-    Ok(Some(JobRow {
-        config: JobConfig {
-            job_name: job.to_string(),
-            src_db,
-            pgq_queue_name: queue,
-            pgq_consumer_id: consumer,
-            mode: Mode::parse(&mode).ok_or_else(|| unreadable("mode", &mode))?,
-            dateformat: (!dateformat.is_empty()).then_some(dateformat),
-            part_template,
-            loop_delay: seconds("loop_delay", loop_delay)?,
-            connection_lifetime: seconds("connection_lifetime", connection_lifetime)?,
-            log_level: LogLevel::parse(&log_level).ok_or_else(|| unreadable("log_level", &log_level))?,
-            on_error: OnError::parse(&on_error).ok_or_else(|| unreadable("on_error", &on_error))?,
-            tables,
-            lock_timeout: seconds("lock_timeout", lock_timeout)?,
-        },
-        enabled: flags.0.unwrap_or(false),
-        run_as: flags.1.unwrap_or(pg_sys::InvalidOid),
-        config_version: flags.2.unwrap_or(0),
-    }))
+    stored.map(|s| s.parse(job)).transpose()
 }
 
 pub fn config_version(job: &str) -> Option<i64> {
