@@ -4,27 +4,24 @@
 #[pgrx::pg_schema]
 mod tests {
     use crate::apply::{quote_ident, BatchWriter};
-    use crate::config::{JobConfig, LogLevel, OnError};
+    use crate::config::{ConfigError, Context, JobConfig, Setting, Word};
     use crate::event::RawEvent;
     use crate::mode::Mode;
     use pgrx::prelude::*;
 
+    /// A job as start() would read it from these settings.
     fn job(mode: Mode, template: Option<&str>) -> JobConfig {
-        JobConfig {
-            job_name: "t".into(),
-            src_db: "dbname=x".into(),
-            pgq_queue_name: "q".into(),
-            pgq_consumer_id: "t".into(),
-            mode,
-            dateformat: Some("YYYY_MM_DD".into()),
-            part_template: template.map(str::to_string),
-            loop_delay: 1.0,
-            connection_lifetime: 1200.0,
-            lock_timeout: 60.0,
-            log_level: LogLevel::Normal,
-            on_error: OnError::Retry,
-            tables: None,
-        }
+        let settings = [
+            ("src_db", Some("dbname=x")),
+            ("pgq_queue_name", Some("q")),
+            ("mode", Some(mode.as_str())),
+            ("part_template", template),
+        ];
+        let lookup = |opt: &str| Setting {
+            text: settings.iter().find(|(o, _)| *o == opt).and_then(|(_, v)| v.map(str::to_string)),
+            place: opt.to_string(),
+        };
+        JobConfig::read(&Context { job: "t", current_db: "x" }, &lookup).unwrap()
     }
 
     fn ev<'a>(id: i64, ty: &'a str, data: &'a str, table: &'a str) -> RawEvent<'a> {
@@ -168,26 +165,44 @@ mod tests {
 
     #[pg_test]
     fn unreadable_stored_values_stop_instead_of_becoming_defaults() {
-        Spi::run(
-            "INSERT INTO cube_dispatcher.job (job_name, src_db, pgq_queue_name, pgq_consumer_id, mode, dateformat,
-                    loop_delay, connection_lifetime, log_level, run_as, enabled)
-             VALUES ('j', 'dbname=x', 'q', 'j', 'keep_all', '', 1, 1, 'normal', 10, true);
-             ALTER TABLE cube_dispatcher.job DROP CONSTRAINT job_mode_check, DROP CONSTRAINT job_log_level_check,
-                   DROP CONSTRAINT job_on_error_check",
-        )
+        Spi::run(&format!(
+            "INSERT INTO cube_dispatcher.job (job_name, options, run_as, enabled) VALUES ('t', '{}', 10, true)",
+            job(Mode::KeepAll, None).to_json()
+        ))
         .unwrap();
-        assert!(crate::state::load_job("j").unwrap().is_some());
-        let cases = [
-            ("mode", "keep_some", "'keep_all'"),
-            ("log_level", "loud", "'normal'"),
-            ("on_error", "ignore", "'retry'"),
-            ("tables", "public.", "NULL"),
-        ];
-        for (column, bad, good) in cases {
-            Spi::run(&format!("UPDATE cube_dispatcher.job SET {column} = '{bad}'")).unwrap();
-            let err = crate::state::load_job("j").err().unwrap_or_else(|| panic!("{column} = {bad} was accepted"));
-            assert_eq!((err.column, err.value.as_str()), (column, bad));
-            Spi::run(&format!("UPDATE cube_dispatcher.job SET {column} = {good}")).unwrap();
+        assert_eq!(crate::state::load_job("t").unwrap().unwrap().config, job(Mode::KeepAll, None));
+        let cases = [("mode", "keep_some"), ("log_level", "loud"), ("on_error", "ignore"), ("tables", "public.")];
+        for (option, bad) in cases {
+            Spi::run(&format!(
+                "UPDATE cube_dispatcher.job SET options = jsonb_set(options, '{{{option}}}', to_jsonb('{bad}'::text))"
+            ))
+            .unwrap();
+            let err = crate::state::load_job("t").err().unwrap_or_else(|| panic!("{option} = {bad} was accepted"));
+            assert!(
+                matches!(&err.err, ConfigError::Invalid { guc, value, .. } if guc == option && value == bad),
+                "{option}: {err}"
+            );
+            Spi::run(&format!("UPDATE cube_dispatcher.job SET options = options - '{option}'")).unwrap();
         }
+        Spi::run("UPDATE cube_dispatcher.job SET options = options || '{\"modee\": \"keep_all\"}'").unwrap();
+        let err = crate::state::load_job("t").err().expect("an unknown stored option was accepted");
+        assert!(err.to_string().contains("modee is not an option of cube_dispatcher; did you mean mode?"), "{err}");
+    }
+
+    #[pg_test]
+    fn the_status_view_shows_options_with_connection_strings_masked() {
+        Spi::run(&format!(
+            "INSERT INTO cube_dispatcher.job (job_name, options, run_as, enabled) VALUES ('t', '{}', 10, true)",
+            job(Mode::KeepAll, None).to_json().replace("dbname=x", "dbname=x password=hunter2")
+        ))
+        .unwrap();
+        let shown = Spi::get_one::<String>("SELECT options::text FROM cube_dispatcher.status").unwrap().unwrap();
+        let want = serde_json::json!({"src_db": "dbname=x password=********", "mode": "keep_all", "tables": null});
+        let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+        for (k, v) in want.as_object().unwrap() {
+            assert_eq!(&shown[k], v, "{shown}");
+        }
+        let options = Spi::get_one::<i64>("SELECT count(*) FROM cube_dispatcher.options()").unwrap();
+        assert_eq!(options, Some(crate::config::SCHEMA.len() as i64));
     }
 }

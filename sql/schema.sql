@@ -1,18 +1,8 @@
 -- Job definitions: what cube_dispatcher.start() read from the settings, validated.
 CREATE TABLE cube_dispatcher.job (
     job_name            text PRIMARY KEY CHECK (job_name ~ '^[a-z_][a-z0-9_]*$' AND length(job_name) <= 40),
-    src_db              text NOT NULL,
-    pgq_queue_name      text NOT NULL,
-    pgq_consumer_id     text NOT NULL,
-    mode                text NOT NULL CHECK (mode IN ('keep_all', 'keep_latest')),
-    dateformat          text NOT NULL,          -- '' turns partitioning off
-    part_template       text,                   -- NULL: the default for the mode
-    loop_delay          float8 NOT NULL CHECK (loop_delay >= 0),
-    connection_lifetime float8 NOT NULL CHECK (connection_lifetime > 0),
-    lock_timeout        float8 NOT NULL DEFAULT 60 CHECK (lock_timeout > 0),
-    log_level           text NOT NULL CHECK (log_level IN ('quiet', 'normal', 'verbose')),
-    on_error            text NOT NULL DEFAULT 'retry' CHECK (on_error IN ('retry', 'dead_letter')),
-    tables              text,                   -- allow-list of parent tables; NULL: any
+    -- every option's setting text (null: unset), validated; see cube_dispatcher.options()
+    options             jsonb NOT NULL CHECK (jsonb_typeof(options) = 'object'),
     run_as              oid NOT NULL,           -- the role that called start(); the worker connects as it
     enabled             boolean NOT NULL,       -- false after stop()/kill(): not resumed
     config_version      bigint NOT NULL DEFAULT 1,
@@ -61,12 +51,12 @@ SELECT j.job_name,
        CASE WHEN s.pid IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = s.pid)
             THEN 'stopped' ELSE coalesce(s.state, 'stopped') END AS state,
        s.pid,
-       j.pgq_queue_name AS queue,
-       j.pgq_consumer_id AS consumer,
-       j.mode,
-       j.dateformat,
+       j.options->>'pgq_queue_name' AS queue,
+       j.options->>'pgq_consumer_id' AS consumer,
+       j.options->>'mode' AS mode,
+       j.options->>'dateformat' AS dateformat,
        CASE WHEN pg_has_role(current_user, j.run_as, 'MEMBER')
-            THEN cube_dispatcher.mask_password(j.src_db) END AS src_db,
+            THEN cube_dispatcher.mask_password(j.options->>'src_db') END AS src_db,
        s.started_at,
        s.last_batch_id,
        s.last_batch_end,
@@ -78,7 +68,8 @@ SELECT j.job_name,
        s.last_error,
        s.last_error_at,
        (SELECT count(*) FROM cube_dispatcher.dead_letter d WHERE d.job_name = j.job_name) AS dead_letters,
-       j.on_error
+       j.options->>'on_error' AS on_error,
+       cube_dispatcher.shown_options(j.options, pg_has_role(current_user, j.run_as, 'MEMBER')) AS options
 FROM cube_dispatcher.job j
 LEFT JOIN cube_dispatcher.job_state s USING (job_name);
 

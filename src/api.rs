@@ -2,7 +2,7 @@
 //! -s stop (SIGUSR2: after the current batch), -k kill (SIGTERM: at once), -r reload (SIGHUP).
 
 use crate::apply::BatchWriter;
-use crate::config::{self, mask_password, ConfigError, JobConfig, OPTIONS};
+use crate::config::{self, mask_password, ConfigError, Context, JobConfig, Setting};
 use crate::event::RawEvent;
 use crate::roles;
 use crate::source::Source;
@@ -35,6 +35,8 @@ enum ApiError {
     Stored(#[from] state::Unreadable),
     #[error("cube_dispatcher: {0}")]
     Launch(#[from] worker::LaunchError),
+    #[error("cube_dispatcher: {0}")]
+    Outdated(state::Outdated),
 }
 
 impl ApiError {
@@ -49,6 +51,7 @@ impl ApiError {
             // as dblink or the source reported it: 08001 for an unreachable source
             ApiError::Register { cause, .. } => cause.code,
             ApiError::Launch(e) => e.sqlstate(),
+            ApiError::Outdated(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
         }
     }
 
@@ -57,10 +60,14 @@ impl ApiError {
     }
 }
 
-/// The body of a control function: runs with the pinned search_path (see roles.rs); an ApiError
-/// becomes the SQL error.
+/// The body of a control function: runs with the pinned search_path (see roles.rs), only on
+/// the extension's objects of this library's version; an ApiError becomes the SQL error.
 fn edge<R>(f: impl FnOnce() -> Result<R, ApiError>) -> R {
-    roles::with_safe_search_path(f).unwrap_or_else(|e| e.raise())
+    roles::with_safe_search_path(|| {
+        state::check_version().map_err(ApiError::Outdated)?;
+        f()
+    })
+    .unwrap_or_else(|e| e.raise())
 }
 
 fn setting(name: &str) -> Option<String> {
@@ -74,16 +81,17 @@ fn read_config(job: &str) -> Result<JobConfig, ApiError> {
     let config_error = |err| ApiError::Config { job: job.to_string(), err };
     config::check_names(job, placeholder_settings().iter().map(String::as_str), &crate::gucs::NAMES)
         .map_err(config_error)?;
-    let mut found = Vec::new();
-    for opt in OPTIONS {
+    let lookup = |opt: &str| {
         let job_level = config::job_guc(job, opt);
         let global = format!("cube_dispatcher.{opt}");
-        let v = setting(&job_level).map(|v| (v, job_level)).or_else(|| setting(&global).map(|v| (v, global)));
-        found.push((opt.to_string(), v));
-    }
-    let lookup = |opt: &str| found.iter().find(|(o, _)| o == opt).and_then(|(_, v)| v.clone());
+        match (setting(&job_level), setting(&global)) {
+            (Some(text), _) => Setting { text: Some(text), place: job_level },
+            (None, Some(text)) => Setting { text: Some(text), place: global },
+            (None, None) => Setting { text: None, place: job_level },
+        }
+    };
     let db = Spi::get_one::<String>("SELECT current_database()::text").ok().flatten().unwrap_or_default();
-    JobConfig::from_settings(job, &lookup, &db).map_err(config_error)
+    JobConfig::read(&Context { job, current_db: &db }, &lookup).map_err(config_error)
 }
 
 /// The names of the settings this session has under `cube_dispatcher.` that no module defined:
@@ -248,6 +256,28 @@ fn drop_job(job: &str) -> bool {
 #[pg_extern(name = "mask_password", immutable, parallel_safe, strict)]
 pub fn mask_password_sql(conninfo: &str) -> String {
     mask_password(conninfo)
+}
+
+/// The job options: what each does, its default and when a change takes effect.
+#[pg_extern]
+fn options() -> TableIterator<
+    'static,
+    (name!(option, String), name!(default_value, String), name!(takes_effect, String), name!(description, String)),
+> {
+    TableIterator::new(config::SCHEMA.iter().map(|s| {
+        (s.name.to_string(), s.default_text().to_string(), s.effect.describe().to_string(), s.doc.to_string())
+    }))
+}
+
+/// A job's stored options as the status view shows them: connection strings masked, or null
+/// for those who may not see them.
+#[pg_extern(immutable, parallel_safe, strict)]
+fn shown_options(options: pgrx::JsonB, connections: bool) -> pgrx::JsonB {
+    let mut options = options.0;
+    if let Some(map) = options.as_object_mut() {
+        config::shown(map, connections);
+    }
+    pgrx::JsonB(options)
 }
 
 /// Writes the job's dead letters again, oldest event first, each in its own subtransaction, into

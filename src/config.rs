@@ -1,26 +1,330 @@
-//! The original tool's options, their defaults and validation. Settings are read as GUCs
-//! `cube_dispatcher.<job>.<option>` with `cube_dispatcher.<option>` as the default for every job;
-//! this module only sees the resulting strings, so it is tested without a server.
+//! The job options: each declared once (name, type, what unset means, when it takes effect, a
+//! line of documentation), and everything else derived from that declaration: the `JobConfig`
+//! fields, reading and validating settings, the stored JSON form and reading it back, the list
+//! `cube_dispatcher.options()` shows. Settings are read as GUCs `cube_dispatcher.<job>.<option>`
+//! with `cube_dispatcher.<option>` as the default for every job; this module only sees the
+//! resulting strings, so it is tested without a server.
 
 use crate::mode::Mode;
+use std::collections::BTreeMap;
 use thiserror::Error;
 
-/// Options in the order they are read and shown. Names are the original's ini keys.
-pub const OPTIONS: &[&str] = &[
-    "src_db",
-    "dst_db",
-    "pgq_queue_name",
-    "pgq_consumer_id",
-    "mode",
-    "dateformat",
-    "part_template",
-    "loop_delay",
-    "connection_lifetime",
-    "log_level",
-    "on_error",
-    "tables",
-    "lock_timeout",
-];
+/// What an unset option means.
+#[derive(Debug, Clone, Copy)]
+pub enum Unset {
+    /// The job cannot run without it.
+    Required,
+    /// The value this setting text gives.
+    Value(&'static str),
+    /// A meaning of its own, described for people.
+    Means(&'static str),
+}
+
+/// When a changed option takes effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    /// at start() and reload(); the worker applies it before its next batch
+    Reload,
+    /// as Reload; the partition of the next batch follows it
+    NextBatch,
+    /// as Reload; the source connection is opened again
+    Reconnect,
+    /// only checked, at start()
+    Start,
+}
+
+impl Effect {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Effect::Reload => "start, reload",
+            Effect::NextBatch => "start, reload (next batch)",
+            Effect::Reconnect => "start, reload (reconnects)",
+            Effect::Start => "start",
+        }
+    }
+}
+
+/// One option as users see it: in the README's table and in `cube_dispatcher.options()`.
+#[derive(Debug)]
+pub struct OptionSpec {
+    pub name: &'static str,
+    pub unset: Unset,
+    pub effect: Effect,
+    pub doc: &'static str,
+    /// a connection string: shown with its password masked, and only to the job's owner
+    pub connection: bool,
+}
+
+impl OptionSpec {
+    /// The default as people read it.
+    pub fn default_text(&self) -> &'static str {
+        match self.unset {
+            Unset::Required => "required",
+            Unset::Value(v) | Unset::Means(v) => v,
+        }
+    }
+}
+
+/// A stored definition as the status view shows it: connection strings masked, and hidden
+/// (null) from those who may not see them.
+pub fn shown(options: &mut serde_json::Map<String, serde_json::Value>, connections: bool) {
+    for spec in SCHEMA.iter().filter(|s| s.connection) {
+        if let Some(v) = options.get_mut(spec.name) {
+            *v = match v.as_str() {
+                Some(text) if connections => mask_password(text).into(),
+                _ => serde_json::Value::Null,
+            };
+        }
+    }
+}
+
+/// What an option's value depends on besides its setting.
+pub struct Context<'a> {
+    pub job: &'a str,
+    /// the database the job writes into (where start() runs)
+    pub current_db: &'a str,
+}
+
+/// How a setting's text becomes an option's value, and the text that gives the value back.
+trait Kind<T> {
+    /// `text`: None when unset.
+    fn parse(text: Option<&str>, ctx: &Context) -> Result<T, String>;
+    /// The setting that gives `value` again; None: unset.
+    fn text(value: &T) -> Option<String>;
+    /// A connection string, which may hold a password.
+    const CONNECTION: bool = false;
+    /// How a set text may be shown.
+    fn shown(text: &str) -> String {
+        if Self::CONNECTION {
+            mask_password(text)
+        } else {
+            text.to_string()
+        }
+    }
+}
+
+/// An option whose value is one of a few words.
+pub trait Word: Copy + PartialEq + 'static {
+    const ALL: &'static [Self];
+    fn as_str(self) -> &'static str;
+}
+
+/// Any text, as set.
+struct Text;
+impl Kind<String> for Text {
+    fn parse(text: Option<&str>, _: &Context) -> Result<String, String> {
+        Ok(text.unwrap_or_default().to_string())
+    }
+    fn text(value: &String) -> Option<String> {
+        Some(value.clone())
+    }
+}
+
+/// A libpq connection string: shown with its password masked.
+struct ConnInfo;
+impl Kind<String> for ConnInfo {
+    fn parse(text: Option<&str>, ctx: &Context) -> Result<String, String> {
+        Text::parse(text, ctx)
+    }
+    fn text(value: &String) -> Option<String> {
+        Some(value.clone())
+    }
+    const CONNECTION: bool = true;
+}
+
+/// dst_db: the job writes where start() runs, so a set dst_db must name that database.
+struct ThisDatabase;
+impl Kind<Option<String>> for ThisDatabase {
+    fn parse(text: Option<&str>, ctx: &Context) -> Result<Option<String>, String> {
+        match text {
+            Some(v) if !v.trim().is_empty() => match dst_db_name(v) {
+                Some(db) if db == ctx.current_db => Ok(Some(v.to_string())),
+                _ => Err("the job writes into the database where start() is called; dst_db must name that database or be unset".into()),
+            },
+            _ => Ok(None),
+        }
+    }
+    fn text(value: &Option<String>) -> Option<String> {
+        value.clone()
+    }
+    const CONNECTION: bool = true;
+}
+
+/// A name that defaults to the job's own.
+struct JobNamed;
+impl Kind<String> for JobNamed {
+    fn parse(text: Option<&str>, ctx: &Context) -> Result<String, String> {
+        Ok(text.filter(|v| !v.is_empty()).unwrap_or(ctx.job).to_string())
+    }
+    fn text(value: &String) -> Option<String> {
+        Some(value.clone())
+    }
+}
+
+/// Text where the empty string means "none" (dateformat: no partitioning).
+struct EmptyIsNone;
+impl Kind<Option<String>> for EmptyIsNone {
+    fn parse(text: Option<&str>, _: &Context) -> Result<Option<String>, String> {
+        Ok(text.filter(|v| !v.is_empty()).map(str::to_string))
+    }
+    fn text(value: &Option<String>) -> Option<String> {
+        Some(value.clone().unwrap_or_default())
+    }
+}
+
+/// Text where unset and empty differ (part_template: the mode's default, or none at all).
+struct Optional;
+impl Kind<Option<String>> for Optional {
+    fn parse(text: Option<&str>, _: &Context) -> Result<Option<String>, String> {
+        Ok(text.map(str::to_string))
+    }
+    fn text(value: &Option<String>) -> Option<String> {
+        value.clone()
+    }
+}
+
+/// Seconds, fractions allowed, at most a day; 0 only where `ZERO` (loop_delay: ask again at once,
+/// as the original accepted).
+struct Seconds<const ZERO: bool>;
+impl<const ZERO: bool> Kind<f64> for Seconds<ZERO> {
+    fn parse(text: Option<&str>, _: &Context) -> Result<f64, String> {
+        match text.unwrap_or_default().trim().parse::<f64>() {
+            Ok(x) if x.is_finite() && (x > 0.0 || (ZERO && x == 0.0)) && x <= 86_400.0 => Ok(x),
+            _ if ZERO => Err("expected a number of seconds from 0 to 86400".into()),
+            _ => Err("expected a number of seconds greater than 0 and at most 86400".into()),
+        }
+    }
+    fn text(value: &f64) -> Option<String> {
+        Some(value.to_string())
+    }
+}
+
+struct Words;
+impl<T: Word> Kind<T> for Words {
+    fn parse(text: Option<&str>, _: &Context) -> Result<T, String> {
+        let text = text.unwrap_or_default().trim();
+        T::ALL.iter().copied().find(|w| w.as_str() == text).ok_or_else(|| {
+            let words: Vec<&str> = T::ALL.iter().map(|w| w.as_str()).collect();
+            match words.split_last() {
+                Some((last, [])) => format!("expected {last}"),
+                Some((last, rest)) => format!("expected {} or {last}", rest.join(", ")),
+                None => "no value is valid".into(),
+            }
+        })
+    }
+    fn text(value: &T) -> Option<String> {
+        Some(value.as_str().to_string())
+    }
+}
+
+/// The `tables` allow-list; unset or empty: no list.
+struct Tables;
+impl Kind<Option<TableList>> for Tables {
+    fn parse(text: Option<&str>, _: &Context) -> Result<Option<TableList>, String> {
+        match text {
+            Some(v) if !v.trim().is_empty() => TableList::parse(v)
+                .map(Some)
+                .ok_or_else(|| "expected a comma-separated list of schema.table or schema.*".into()),
+            _ => Ok(None),
+        }
+    }
+    fn text(value: &Option<TableList>) -> Option<String> {
+        value.as_ref().map(|t| t.text.clone())
+    }
+}
+
+/// Declares the options: the `JobConfig` fields, `SCHEMA`, reading a job's settings and the
+/// texts it is stored as all come from this one list.
+macro_rules! options {
+    ($($name:ident: $ty:ty, $kind:ty, $unset:expr, $effect:ident, $doc:literal;)*) => {
+        /// A job's validated options.
+        #[derive(Debug, Clone, PartialEq)]
+        pub struct JobConfig {
+            pub job_name: String,
+            $(pub $name: $ty,)*
+        }
+
+        /// Every job option, in the order they are read and shown.
+        pub const SCHEMA: &[OptionSpec] = &[$(OptionSpec {
+            name: stringify!($name),
+            unset: $unset,
+            effect: Effect::$effect,
+            doc: $doc,
+            connection: <$kind as Kind<$ty>>::CONNECTION,
+        },)*];
+
+        impl JobConfig {
+            fn read_options(ctx: &Context, lookup: &dyn Fn(&str) -> Setting) -> Result<JobConfig, ConfigError> {
+                Ok(JobConfig {
+                    job_name: ctx.job.to_string(),
+                    $($name: read::<$kind, $ty>(stringify!($name), $unset, ctx, lookup)?,)*
+                })
+            }
+
+            /// Every option with the setting text that gives its value again (None: unset).
+            pub fn texts(&self) -> Vec<(&'static str, Option<String>)> {
+                vec![$((stringify!($name), <$kind as Kind<$ty>>::text(&self.$name)),)*]
+            }
+        }
+    };
+}
+
+// Names are the original's ini keys. The README's option table lists the same, with the same
+// defaults (tested below); `doc` is what cube_dispatcher.options() shows.
+options! {
+    src_db: String, ConnInfo, Unset::Required, Reconnect,
+        "libpq connection string of the source database (where the queue is)";
+    pgq_queue_name: String, Text, Unset::Required, Reload,
+        "the PgQ queue to consume";
+    pgq_consumer_id: String, JobNamed, Unset::Means("the job name"), Reload,
+        "the PgQ consumer name to register";
+    mode: Mode, Words, Unset::Value("keep_latest"), NextBatch,
+        "keep_latest (a partition holds the last version of each row) or keep_all (every version)";
+    dateformat: Option<String>, EmptyIsNone, Unset::Value("YYYY_MM_DD"), NextBatch,
+        "to_char() format of the partition suffix; empty: no partitions";
+    part_template: Option<String>, Optional, Unset::Means("see below"), NextBatch,
+        "SQL that creates a missing partition; empty: a missing partition is an error";
+    loop_delay: f64, Seconds<true>, Unset::Value("1"), Reload,
+        "seconds to wait when there is no batch";
+    connection_lifetime: f64, Seconds<false>, Unset::Value("1200"), Reload,
+        "seconds after which the source connection is opened again";
+    dst_db: Option<String>, ThisDatabase, Unset::Means("unset"), Start,
+        "kept for ini files: if set, it must name the database where start() runs";
+    log_level: LogLevel, Words, Unset::Value("normal"), Reload,
+        "quiet, normal or verbose (a line per batch)";
+    on_error: OnError, Words, Unset::Value("retry"), Reload,
+        "retry: a failing batch is retried until fixed; dead_letter: failing events are parked";
+    tables: Option<TableList>, Tables, Unset::Means("unset: any table the job's role may write"), Reload,
+        "allow-list of parent tables: schema.table or schema.*, comma-separated";
+    lock_timeout: f64, Seconds<false>, Unset::Value("60"), Reload,
+        "seconds a write waits for a lock on a target table before the batch is retried";
+}
+
+/// A setting as found: its text if set, and where it is (or would be) set, for errors.
+pub struct Setting {
+    pub text: Option<String>,
+    pub place: String,
+}
+
+fn read<K: Kind<T>, T>(
+    name: &str,
+    unset: Unset,
+    ctx: &Context,
+    lookup: &dyn Fn(&str) -> Setting,
+) -> Result<T, ConfigError> {
+    let Setting { text, place } = lookup(name);
+    let text = match (text, unset) {
+        (Some(t), Unset::Required) if t.trim().is_empty() => return Err(ConfigError::Missing { guc: place }),
+        (None, Unset::Required) => return Err(ConfigError::Missing { guc: place }),
+        (None, Unset::Value(v)) => Some(v.to_string()),
+        (text, _) => text,
+    };
+    K::parse(text.as_deref(), ctx).map_err(|why| ConfigError::Invalid {
+        guc: place,
+        value: K::shown(text.as_deref().unwrap_or_default()),
+        why,
+    })
+}
 
 /// What a batch that fails because of its events does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,15 +335,9 @@ pub enum OnError {
     DeadLetter,
 }
 
-impl OnError {
-    pub fn parse(s: &str) -> Option<OnError> {
-        match s {
-            "retry" => Some(OnError::Retry),
-            "dead_letter" => Some(OnError::DeadLetter),
-            _ => None,
-        }
-    }
-    pub fn as_str(self) -> &'static str {
+impl Word for OnError {
+    const ALL: &'static [Self] = &[OnError::Retry, OnError::DeadLetter];
+    fn as_str(self) -> &'static str {
         match self {
             OnError::Retry => "retry",
             OnError::DeadLetter => "dead_letter",
@@ -54,44 +352,15 @@ pub enum LogLevel {
     Verbose,
 }
 
-impl LogLevel {
-    pub fn parse(s: &str) -> Option<LogLevel> {
-        match s {
-            "quiet" => Some(LogLevel::Quiet),
-            "normal" => Some(LogLevel::Normal),
-            "verbose" => Some(LogLevel::Verbose),
-            _ => None,
-        }
-    }
-    pub fn as_str(self) -> &'static str {
+impl Word for LogLevel {
+    const ALL: &'static [Self] = &[LogLevel::Quiet, LogLevel::Normal, LogLevel::Verbose];
+    fn as_str(self) -> &'static str {
         match self {
             LogLevel::Quiet => "quiet",
             LogLevel::Normal => "normal",
             LogLevel::Verbose => "verbose",
         }
     }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct JobConfig {
-    pub job_name: String,
-    pub src_db: String,
-    pub pgq_queue_name: String,
-    pub pgq_consumer_id: String,
-    pub mode: Mode,
-    /// None: partitioning off (dateformat explicitly set to '').
-    pub dateformat: Option<String>,
-    /// None: the mode's default template. Some(""): a missing table is an error.
-    pub part_template: Option<String>,
-    pub loop_delay: f64,
-    pub connection_lifetime: f64,
-    /// Seconds a write waits for a lock on a target table before the batch fails and is retried.
-    pub lock_timeout: f64,
-    pub log_level: LogLevel,
-    pub on_error: OnError,
-    /// The parent tables events may write into (`tables` option); None: any table the job's
-    /// role may write.
-    pub tables: Option<TableList>,
 }
 
 /// An allow-list of `schema.table` and `schema.*` entries, names as logutriga writes them
@@ -129,7 +398,7 @@ pub enum ConfigError {
     #[error("{guc} is not set (required)")]
     Missing { guc: String },
     #[error("invalid value {value:?} for {guc}: {why}")]
-    Invalid { guc: String, value: String, why: &'static str },
+    Invalid { guc: String, value: String, why: String },
     #[error("{guc} is not an option of cube_dispatcher{}", match .nearest { Some(n) => format!("; did you mean {n}?"), None => String::new() })]
     Unknown { guc: String, nearest: Option<String> },
 }
@@ -148,7 +417,7 @@ pub fn check_names<'n>(job: &str, names: impl Iterator<Item = &'n str>, server: 
             None if server.contains(&rest) => continue,
             None => ("cube_dispatcher.".to_string(), rest),
         };
-        if !OPTIONS.contains(&option) {
+        if !SCHEMA.iter().any(|s| s.name == option) {
             let nearest = nearest_option(option).map(|n| format!("{prefix}{n}"));
             return Err(ConfigError::Unknown { guc: guc.to_string(), nearest });
         }
@@ -172,7 +441,7 @@ fn nearest_option(name: &str) -> Option<&'static str> {
         }
         row[b.len()]
     };
-    OPTIONS.iter().map(|o| (distance(name, o), *o)).filter(|(d, _)| *d <= 2).min().map(|(_, o)| o)
+    SCHEMA.iter().map(|o| (distance(name, o.name), o.name)).filter(|(d, _)| *d <= 2).min().map(|(_, o)| o)
 }
 
 /// GUC names are case-folded identifiers joined by dots, so a job name must be one.
@@ -193,95 +462,32 @@ pub fn job_guc(job: &str, option: &str) -> String {
 }
 
 impl JobConfig {
-    /// `lookup(option)` returns the effective setting (job level, else global) and the GUC name
-    /// it came from, or None when neither is set.
-    pub fn from_settings(
-        job: &str,
-        lookup: &dyn Fn(&str) -> Option<(String, String)>,
-        current_db: &str,
-    ) -> Result<JobConfig, ConfigError> {
-        validate_job_name(job)?;
-        let get = |opt: &str| lookup(opt);
-        let invalid =
-            |guc: String, value: &str, why: &'static str| ConfigError::Invalid { guc, value: value.to_string(), why };
-        let required = |opt: &str| -> Result<String, ConfigError> {
-            match get(opt) {
-                Some((v, _)) if !v.trim().is_empty() => Ok(v),
-                Some((_, guc)) => Err(ConfigError::Missing { guc }),
-                None => Err(ConfigError::Missing { guc: job_guc(job, opt) }),
-            }
-        };
-        let src_db = required("src_db")?;
-        let pgq_queue_name = required("pgq_queue_name")?;
-        let pgq_consumer_id = match get("pgq_consumer_id") {
-            Some((v, _)) if !v.is_empty() => v,
-            _ => job.to_string(),
-        };
-        // an option with a fixed set of words: the default when unset, else one of the words
-        fn choice<T>(
-            got: Option<(String, String)>,
-            default: T,
-            parse: fn(&str) -> Option<T>,
-            why: &'static str,
-        ) -> Result<T, ConfigError> {
-            match got {
-                None => Ok(default),
-                Some((v, guc)) => parse(v.trim()).ok_or(ConfigError::Invalid { guc, value: v, why }),
-            }
+    /// Reads a job's options; `lookup(option)` finds its setting. Settings and stored
+    /// definitions go through this same validation.
+    pub fn read(ctx: &Context, lookup: &dyn Fn(&str) -> Setting) -> Result<JobConfig, ConfigError> {
+        validate_job_name(ctx.job)?;
+        Self::read_options(ctx, lookup)
+    }
+
+    /// The stored form: a JSON object of each option's setting text (null: unset).
+    pub fn to_json(&self) -> String {
+        let texts: BTreeMap<&str, Option<String>> = self.texts().into_iter().collect();
+        serde_json::to_string(&texts).expect("a map of strings serializes")
+    }
+
+    /// Reads a stored definition back. An entry that is not an option, or does not read back, is
+    /// an error naming it: the job must not run on a guess. An option the definition lacks (one
+    /// added by a later version) is unset.
+    pub fn from_json(ctx: &Context, json: &str) -> Result<JobConfig, ConfigError> {
+        let texts: BTreeMap<String, Option<String>> = serde_json::from_str(json).map_err(|e| ConfigError::Invalid {
+            guc: "options".into(),
+            value: json.chars().take(200).collect(),
+            why: format!("expected a JSON object of option texts ({e})"),
+        })?;
+        if let Some(name) = texts.keys().find(|k| !SCHEMA.iter().any(|s| s.name == k.as_str())) {
+            return Err(ConfigError::Unknown { guc: name.clone(), nearest: nearest_option(name).map(str::to_string) });
         }
-        let mode = choice(get("mode"), Mode::KeepLatest, Mode::parse, "expected keep_latest or keep_all")?;
-        let dateformat = match get("dateformat") {
-            None => Some("YYYY_MM_DD".to_string()),
-            Some((v, _)) if v.is_empty() => None,
-            Some((v, _)) => Some(v),
-        };
-        let part_template = get("part_template").map(|(v, _)| v);
-        // `zero`: 0 is allowed (loop_delay: ask again at once, as the original accepted)
-        let seconds = |opt: &str, default: f64, zero: bool| -> Result<f64, ConfigError> {
-            match get(opt) {
-                None => Ok(default),
-                Some((v, guc)) => match v.trim().parse::<f64>() {
-                    Ok(x) if x.is_finite() && (x > 0.0 || (zero && x == 0.0)) && x <= 86_400.0 => Ok(x),
-                    _ if zero => Err(invalid(guc, &v, "expected a number of seconds from 0 to 86400")),
-                    _ => Err(invalid(guc, &v, "expected a number of seconds greater than 0 and at most 86400")),
-                },
-            }
-        };
-        let loop_delay = seconds("loop_delay", 1.0, true)?;
-        let connection_lifetime = seconds("connection_lifetime", 1200.0, false)?;
-        let lock_timeout = seconds("lock_timeout", 60.0, false)?;
-        let log_level =
-            choice(get("log_level"), LogLevel::Normal, LogLevel::parse, "expected quiet, normal or verbose")?;
-        let tables = match get("tables") {
-            None => None,
-            Some((v, _)) if v.trim().is_empty() => None,
-            Some((v, guc)) => match TableList::parse(&v) {
-                Some(t) => Some(t),
-                None => return Err(invalid(guc, &v, "expected a comma-separated list of schema.table or schema.*")),
-            },
-        };
-        let on_error = choice(get("on_error"), OnError::Retry, OnError::parse, "expected retry or dead_letter")?;
-        if let Some((v, guc)) = get("dst_db") {
-            let named = dst_db_name(&v);
-            if !v.trim().is_empty() && named.as_deref() != Some(current_db) {
-                return Err(invalid(guc, &mask_password(&v), "the job writes into the database where start() is called; dst_db must name that database or be unset"));
-            }
-        }
-        Ok(JobConfig {
-            job_name: job.to_string(),
-            src_db,
-            pgq_queue_name,
-            pgq_consumer_id,
-            mode,
-            dateformat,
-            part_template,
-            loop_delay,
-            connection_lifetime,
-            lock_timeout,
-            log_level,
-            on_error,
-            tables,
-        })
+        Self::read(ctx, &|name| Setting { text: texts.get(name).cloned().flatten(), place: name.to_string() })
     }
 }
 
@@ -407,7 +613,8 @@ mod tests {
 
     fn cfg(settings: &[(&str, &str)]) -> Result<JobConfig, ConfigError> {
         let map: HashMap<String, String> = settings.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        JobConfig::from_settings("sales", &|opt| map.get(opt).map(|v| (v.clone(), job_guc("sales", opt))), "target")
+        let ctx = Context { job: "sales", current_db: "target" };
+        JobConfig::read(&ctx, &|opt| Setting { text: map.get(opt).cloned(), place: job_guc("sales", opt) })
     }
 
     const BASE: &[(&str, &str)] = &[("src_db", "dbname=src"), ("pgq_queue_name", "q")];
@@ -468,7 +675,9 @@ mod tests {
             assert!(!err.contains("hunter2"), "password leaked: {err}");
         }
         for bad in ["", "Sales", "1job", "a-b", "a.b", &"x".repeat(41)] {
-            assert!(JobConfig::from_settings(bad, &|_| None, "t").is_err(), "{bad:?}");
+            let ctx = Context { job: bad, current_db: "t" };
+            let err = JobConfig::read(&ctx, &|_| Setting { text: Some("x".into()), place: String::new() });
+            assert!(matches!(err, Err(ConfigError::BadJobName(_))), "{bad:?}");
         }
     }
 
@@ -549,5 +758,101 @@ mod tests {
                 nearest: Some("cube_dispatcher.sales.dateformat".into())
             })
         );
+    }
+
+    #[test]
+    fn a_stored_definition_reads_back_as_it_was_stored() {
+        let ctx = Context { job: "sales", current_db: "target" };
+        let configs = [
+            cfg(BASE).unwrap(),
+            cfg(&with(&[
+                ("mode", "keep_all"),
+                ("dateformat", ""),
+                ("part_template", ""),
+                ("loop_delay", "0"),
+                ("connection_lifetime", "0.125"),
+                ("dst_db", "dbname=target password=x"),
+                ("tables", "public.orders, s.*"),
+                ("on_error", "dead_letter"),
+            ]))
+            .unwrap(),
+        ];
+        for c in configs {
+            let json = c.to_json();
+            assert_eq!(JobConfig::from_json(&ctx, &json).as_ref(), Ok(&c), "{json}");
+        }
+        let json = cfg(BASE).unwrap().to_json();
+        assert!(json.contains(r#""part_template":null"#) && json.contains(r#""dateformat":"YYYY_MM_DD""#), "{json}");
+    }
+
+    #[test]
+    fn a_stored_definition_that_does_not_read_back_is_an_error_naming_the_entry() {
+        let ctx = Context { job: "sales", current_db: "target" };
+        let stored = |edit: &dyn Fn(&mut serde_json::Value)| {
+            let mut v: serde_json::Value = serde_json::from_str(&cfg(BASE).unwrap().to_json()).unwrap();
+            edit(&mut v);
+            JobConfig::from_json(&ctx, &v.to_string()).unwrap_err().to_string()
+        };
+        assert_eq!(
+            stored(&|v| v["tables"] = "public.".into()),
+            r#"invalid value "public." for tables: expected a comma-separated list of schema.table or schema.*"#
+        );
+        assert_eq!(
+            stored(&|v| v["mode"] = "keep_some".into()).split(':').next(),
+            Some(r#"invalid value "keep_some" for mode"#)
+        );
+        assert_eq!(stored(&|v| v["src_db"] = serde_json::Value::Null), "src_db is not set (required)");
+        assert!(stored(&|v| v["loop_delay"] = 1.into()).contains("expected a JSON object of option texts"));
+        assert_eq!(
+            stored(&|v| v["modee"] = "keep_all".into()),
+            "modee is not an option of cube_dispatcher; did you mean mode?"
+        );
+        assert!(JobConfig::from_json(&ctx, "[]").is_err());
+        // an option a later version adds is unset in older definitions
+        let mut v: serde_json::Value = serde_json::from_str(&cfg(BASE).unwrap().to_json()).unwrap();
+        v.as_object_mut().unwrap().remove("lock_timeout");
+        assert_eq!(JobConfig::from_json(&ctx, &v.to_string()).unwrap().lock_timeout, 60.0);
+    }
+
+    fn default_cell(s: &OptionSpec) -> String {
+        match s.unset {
+            Unset::Value(v) => format!("`{v}`"),
+            _ => s.default_text().to_string(),
+        }
+    }
+
+    #[test]
+    fn connection_strings_are_masked_or_hidden_when_shown() {
+        let json = cfg(&with(&[("src_db", "dbname=src password=hunter2"), ("dst_db", "dbname=target password=x")]))
+            .unwrap()
+            .to_json();
+        let mut v: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&json).unwrap();
+        shown(&mut v, true);
+        assert_eq!(
+            (v["src_db"].as_str(), v["dst_db"].as_str()),
+            (Some("dbname=src password=********"), Some("dbname=target password=********"))
+        );
+        assert_eq!(v["mode"].as_str(), Some("keep_latest"));
+        shown(&mut v, false);
+        assert!(v["src_db"].is_null() && v["dst_db"].is_null());
+    }
+
+    /// The README's option table lists the options of the schema, in its order, with the same
+    /// defaults and the same "takes effect".
+    #[test]
+    fn the_readme_option_table_is_the_schema() {
+        let readme = include_str!("../README.md");
+        let start = readme.find("| option | meaning | default | takes effect |").expect("the option table");
+        let rows: Vec<Vec<&str>> = readme[start..]
+            .lines()
+            .skip(2)
+            .take_while(|l| l.starts_with('|'))
+            .map(|l| l.trim_matches('|').split(" | ").map(str::trim).collect())
+            .collect();
+        let readme_rows: Vec<(String, String, String)> =
+            rows.iter().map(|r| (r[0].trim_matches('`').to_string(), r[2].to_string(), r[3].to_string())).collect();
+        let schema_rows: Vec<(String, String, String)> =
+            SCHEMA.iter().map(|s| (s.name.to_string(), default_cell(s), s.effect.describe().to_string())).collect();
+        assert_eq!(readme_rows, schema_rows);
     }
 }

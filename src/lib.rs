@@ -34,7 +34,11 @@ pub extern "C-unwind" fn _PG_init() {
     }
 }
 
-::pgrx::extension_sql_file!("../sql/schema.sql", name = "schema", requires = [api::mask_password_sql]);
+::pgrx::extension_sql_file!(
+    "../sql/schema.sql",
+    name = "schema",
+    requires = [api::mask_password_sql, api::shown_options]
+);
 ::pgrx::extension_sql_file!("../sql/privileges.sql", name = "privileges", finalize);
 
 // Only in builds for `cargo pgrx test` (feature pg_test), so plain `cargo test` stays server-free.

@@ -24,22 +24,17 @@ pub enum ModeError {
     KeyColumnMissing(String),
 }
 
-impl Mode {
-    pub fn parse(s: &str) -> Option<Mode> {
-        match s {
-            "keep_all" => Some(Mode::KeepAll),
-            "keep_latest" => Some(Mode::KeepLatest),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
+impl crate::config::Word for Mode {
+    const ALL: &'static [Self] = &[Mode::KeepLatest, Mode::KeepAll];
+    fn as_str(self) -> &'static str {
         match self {
             Mode::KeepAll => "keep_all",
             Mode::KeepLatest => "keep_latest",
         }
     }
+}
 
+impl Mode {
     /// Checks an event before it is written: keep_all cannot delete (as in the original),
     /// keep_latest needs the key to find the row it replaces.
     pub fn check(self, op: Op, pkey: &[String], row: &Row) -> Result<(), ModeError> {

@@ -1,9 +1,8 @@
 //! The extension's own tables: job definitions (written by the SQL API) and job state (written by
 //! the worker). The batch bookkeeping that makes a batch apply exactly once lives here too.
 
-use crate::config::{JobConfig, LogLevel, OnError, TableList};
+use crate::config::{ConfigError, Context, JobConfig};
 use crate::event::RawEvent;
-use crate::mode::Mode;
 use crate::source::BatchInfo;
 use pgrx::prelude::*;
 use thiserror::Error;
@@ -19,11 +18,29 @@ pub struct JobRow {
 /// A stored definition that does not read back. The job must not run on a guess: a `tables`
 /// list taken for "no list" would allow every table.
 #[derive(Debug, Error)]
-#[error("the stored definition of job {job} is unreadable: {column} = {value:?}; call cube_dispatcher.start('{job}') to store valid settings")]
+#[error("the stored definition of job {job} is unreadable: {err}; call cube_dispatcher.start('{job}') to store valid settings")]
 pub struct Unreadable {
     pub job: String,
-    pub column: &'static str,
-    pub value: String,
+    pub err: ConfigError,
+}
+
+/// The extension's objects in this database are of another version than the library: after the
+/// library is replaced, until `ALTER EXTENSION cube_dispatcher UPDATE` runs.
+#[derive(Debug, Error)]
+#[error("the extension's objects in this database are version {installed}, the library is {}; run ALTER EXTENSION cube_dispatcher UPDATE", env!("CARGO_PKG_VERSION"))]
+pub struct Outdated {
+    pub installed: String,
+}
+
+/// Whether the extension's objects here are this library's version (they are what every
+/// statement of this module is written against).
+pub fn check_version() -> Result<(), Outdated> {
+    let installed: Option<String> =
+        crate::spi::value("SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'cube_dispatcher'", &[]);
+    match installed {
+        Some(v) if v != env!("CARGO_PKG_VERSION") => Err(Outdated { installed: v }),
+        _ => Ok(()),
+    }
 }
 
 /// The role that owns the job (started it), if the job exists.
@@ -31,69 +48,11 @@ pub fn job_owner(job: &str) -> Option<pg_sys::Oid> {
     crate::spi::value("SELECT run_as FROM cube_dispatcher.job WHERE job_name = $1", &[job.into()])
 }
 
-/// A job row as stored, before its words are parsed.
-struct StoredJob {
-    src_db: String,
-    queue: String,
-    consumer: String,
-    mode: String,
-    dateformat: String,
-    part_template: Option<String>,
-    loop_delay: Option<f64>,
-    connection_lifetime: Option<f64>,
-    lock_timeout: Option<f64>,
-    log_level: String,
-    on_error: String,
-    tables: Option<String>,
-    enabled: bool,
-    run_as: pg_sys::Oid,
-    config_version: i64,
-}
-
-impl StoredJob {
-    fn parse(self, job: &str) -> Result<JobRow, Unreadable> {
-        let unreadable = |column, value: &str| Unreadable { job: job.to_string(), column, value: value.to_string() };
-        // a stored value that does not read back is an error, never a default
-        fn word<T>(
-            value: &str,
-            parse: fn(&str) -> Option<T>,
-            fail: impl FnOnce() -> Unreadable,
-        ) -> Result<T, Unreadable> {
-            parse(value).ok_or_else(fail)
-        }
-        let seconds = |column, v: Option<f64>| v.ok_or_else(|| unreadable(column, "NULL"));
-        let tables = match &self.tables {
-            None => None,
-            Some(t) => Some(word(t, TableList::parse, || unreadable("tables", t))?),
-        };
-        Ok(JobRow {
-            config: JobConfig {
-                job_name: job.to_string(),
-                src_db: self.src_db,
-                pgq_queue_name: self.queue,
-                pgq_consumer_id: self.consumer,
-                mode: word(&self.mode, Mode::parse, || unreadable("mode", &self.mode))?,
-                dateformat: (!self.dateformat.is_empty()).then_some(self.dateformat),
-                part_template: self.part_template,
-                loop_delay: seconds("loop_delay", self.loop_delay)?,
-                connection_lifetime: seconds("connection_lifetime", self.connection_lifetime)?,
-                log_level: word(&self.log_level, LogLevel::parse, || unreadable("log_level", &self.log_level))?,
-                on_error: word(&self.on_error, OnError::parse, || unreadable("on_error", &self.on_error))?,
-                tables,
-                lock_timeout: seconds("lock_timeout", self.lock_timeout)?,
-            },
-            enabled: self.enabled,
-            run_as: self.run_as,
-            config_version: self.config_version,
-        })
-    }
-}
-
+/// Loads a job's definition; its options are validated as start() validated the settings.
 pub fn load_job(job: &str) -> Result<Option<JobRow>, Unreadable> {
     let stored = Spi::connect(|c| {
         let rows = c.select(
-            "SELECT src_db, pgq_queue_name, pgq_consumer_id, mode, dateformat, part_template,
-                    loop_delay, connection_lifetime, log_level, enabled, run_as, config_version, on_error, tables, lock_timeout
+            "SELECT options::text, enabled, run_as, config_version, current_database()::text
                FROM cube_dispatcher.job WHERE job_name = $1",
             Some(1),
             &[job.into()],
@@ -102,27 +61,19 @@ pub fn load_job(job: &str) -> Result<Option<JobRow>, Unreadable> {
             return Ok(None);
         }
         let r = rows.first();
-        let text = |i| r.get::<String>(i).map(Option::unwrap_or_default);
-        Ok::<_, pgrx::spi::Error>(Some(StoredJob {
-            src_db: text(1)?,
-            queue: text(2)?,
-            consumer: text(3)?,
-            mode: text(4)?,
-            dateformat: text(5)?,
-            part_template: r.get(6)?,
-            loop_delay: r.get(7)?,
-            connection_lifetime: r.get(8)?,
-            log_level: text(9)?,
-            enabled: r.get(10)?.unwrap_or(false),
-            run_as: r.get(11)?.unwrap_or(pg_sys::InvalidOid),
-            config_version: r.get(12)?.unwrap_or(0),
-            on_error: text(13)?,
-            tables: r.get(14)?,
-            lock_timeout: r.get(15)?,
-        }))
+        Ok::<_, pgrx::spi::Error>(Some((
+            r.get::<String>(1)?.unwrap_or_default(),
+            r.get::<bool>(2)?.unwrap_or(false),
+            r.get::<pg_sys::Oid>(3)?.unwrap_or(pg_sys::InvalidOid),
+            r.get::<i64>(4)?.unwrap_or(0),
+            r.get::<String>(5)?.unwrap_or_default(),
+        )))
     })
     .unwrap_or_else(|e| crate::spi::fail(e));
-    stored.map(|s| s.parse(job)).transpose()
+    let Some((options, enabled, run_as, config_version, db)) = stored else { return Ok(None) };
+    let config = JobConfig::from_json(&Context { job, current_db: &db }, &options)
+        .map_err(|err| Unreadable { job: job.to_string(), err })?;
+    Ok(Some(JobRow { config, enabled, run_as, config_version }))
 }
 
 pub fn config_version(job: &str) -> Option<i64> {
@@ -133,38 +84,24 @@ pub fn config_version(job: &str) -> Option<i64> {
 /// consumer and forgotten when the queue or consumer changes, since it would not match.
 pub fn save_job(c: &JobConfig, run_as: pg_sys::Oid) {
     crate::spi::run(
-        "WITH old AS (SELECT pgq_queue_name, pgq_consumer_id FROM cube_dispatcher.job WHERE job_name = $1),
+        "WITH old AS (SELECT options FROM cube_dispatcher.job WHERE job_name = $1),
               upsert AS (
-                INSERT INTO cube_dispatcher.job AS j (job_name, src_db, pgq_queue_name, pgq_consumer_id, mode,
-                       dateformat, part_template, loop_delay, connection_lifetime, log_level, run_as, on_error, tables, lock_timeout, enabled)
-                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, true)
+                INSERT INTO cube_dispatcher.job AS j (job_name, options, run_as, enabled)
+                VALUES ($1, $2::jsonb, $3, true)
                 ON CONFLICT (job_name) DO UPDATE SET
-                       src_db = excluded.src_db, pgq_queue_name = excluded.pgq_queue_name,
-                       pgq_consumer_id = excluded.pgq_consumer_id, mode = excluded.mode,
-                       dateformat = excluded.dateformat, part_template = excluded.part_template,
-                       loop_delay = excluded.loop_delay, connection_lifetime = excluded.connection_lifetime,
-                       log_level = excluded.log_level, run_as = excluded.run_as, on_error = excluded.on_error, tables = excluded.tables, lock_timeout = excluded.lock_timeout, enabled = true,
+                       options = excluded.options, run_as = excluded.run_as, enabled = true,
                        config_version = j.config_version + 1, defined_at = now()
                 RETURNING 1)
          INSERT INTO cube_dispatcher.job_state AS s (job_name) SELECT $1 FROM upsert
          ON CONFLICT (job_name) DO UPDATE SET last_tick_id = CASE WHEN EXISTS (
-                SELECT 1 FROM old WHERE (old.pgq_queue_name, old.pgq_consumer_id) = ($3, $4))
+                SELECT 1 FROM old WHERE (old.options->>'pgq_queue_name', old.options->>'pgq_consumer_id') = ($4, $5))
               THEN s.last_tick_id END",
         &[
             c.job_name.as_str().into(),
-            c.src_db.as_str().into(),
+            c.to_json().into(),
+            run_as.into(),
             c.pgq_queue_name.as_str().into(),
             c.pgq_consumer_id.as_str().into(),
-            c.mode.as_str().into(),
-            c.dateformat.clone().unwrap_or_default().into(),
-            c.part_template.clone().into(),
-            c.loop_delay.into(),
-            c.connection_lifetime.into(),
-            c.log_level.as_str().into(),
-            run_as.into(),
-            c.on_error.as_str().into(),
-            c.tables.as_ref().map(|t| t.text.clone()).into(),
-            c.lock_timeout.into(),
         ],
     )
 }

@@ -7,7 +7,7 @@
 //! stops at once and rolls back (-k), SIGHUP wakes the loop to pick up reloaded settings (-r).
 
 use crate::batch::{self, BatchError, Pace};
-use crate::config::{mask_password, JobConfig, LogLevel};
+use crate::config::{mask_password, JobConfig, LogLevel, Word};
 use crate::source::Source;
 use crate::state;
 use crate::tx::in_transaction;
@@ -305,12 +305,42 @@ fn settle_session(job: &str) {
     }
 }
 
+/// Between replacing the library and `ALTER EXTENSION cube_dispatcher UPDATE`, the extension's
+/// tables are the old version's: wait for the update rather than read them wrongly. False: the
+/// extension is gone, or a stop was requested.
+fn wait_for_update(job: &str) -> bool {
+    let mut told = false;
+    loop {
+        match in_transaction(state::check_version) {
+            Ok(Ok(())) => return true,
+            Ok(Err(outdated)) if !told => {
+                let msg = format!("waiting: {outdated}");
+                log!("cube_dispatcher job {job}: {msg}");
+                let _ = in_transaction(|| state::set_error(job, &msg));
+                told = true;
+            }
+            Ok(Err(_)) => {}
+            Err(e) => {
+                log!("cube_dispatcher job {job}: not starting: {e}");
+                return false;
+            }
+        }
+        wait(Duration::from_secs(5));
+        if stop_requested() {
+            return false;
+        }
+    }
+}
+
 impl Worker {
     /// Records this process as the job's worker and loads the job. Waits for start()'s
     /// transaction when it has not committed yet. None: the job is not to run (stopped, dropped,
     /// start() rolled back, or its definition is unreadable); the process then exits with 0, so
     /// the postmaster does not start it again.
     fn announce(job: &str, pid: i32) -> Option<Worker> {
+        if !wait_for_update(job) {
+            return None;
+        }
         let row = match in_transaction(|| {
             state::worker_started(job, pid);
             state::load_job(job)

@@ -115,7 +115,7 @@ fn start_status_reload_and_two_jobs_side_by_side() {
     assert_eq!(c.count("target", &format!("orders_{}", c.suffix("YYYY_MM"))), 1);
     assert_eq!(c.status("one", "pid"), Some(pid.to_string()));
     assert_eq!(
-        c.value("target", "SELECT loop_delay::text FROM cube_dispatcher.job WHERE job_name = 'one'").as_deref(),
+        c.value("target", "SELECT options->>'loop_delay' FROM cube_dispatcher.job WHERE job_name = 'one'").as_deref(),
         Some("0.5")
     );
 

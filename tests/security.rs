@@ -83,7 +83,7 @@ fn an_operator_runs_its_own_job_with_its_own_rights() {
     c.start_job("admin", "q", &[]);
     let err = as_op(&c, "SELECT cube_dispatcher.stop('admin')").unwrap_err();
     assert!(err.contains("permission denied for job admin"), "{err}");
-    let err = as_op(&c, "SELECT src_db FROM cube_dispatcher.job").unwrap_err();
+    let err = as_op(&c, "SELECT options FROM cube_dispatcher.job").unwrap_err();
     assert!(err.contains("permission denied"), "{err}");
     let seen = c.query("target", "SET ROLE op; SELECT job_name, src_db FROM cube_dispatcher.status ORDER BY 1");
     assert_eq!(seen[0][0].as_deref(), Some("admin"));
@@ -418,13 +418,14 @@ fn a_tables_list_that_does_not_read_back_stops_the_job_instead_of_allowing_all()
     c.start_job("fc", "q", &[("tables", "public.other")]);
     // what only hand-editing the extension's table can do; the worker picks it up as a reload
     c.target_sql(
-        "UPDATE cube_dispatcher.job SET tables = 'public.', config_version = config_version + 1 WHERE job_name = 'fc'",
+        "UPDATE cube_dispatcher.job SET options = options || '{\"tables\": \"public.\"}', config_version = config_version + 1
+          WHERE job_name = 'fc'",
     );
     c.source_sql("INSERT INTO orders VALUES (1, 'x')");
     c.tick("q");
     c.wait_status("fc", "state", |s| s == Some("stopped"));
     let err = c.status("fc", "last_error").unwrap_or_default();
-    assert!(err.contains("stored definition of job fc is unreadable: tables = \"public.\""), "{err}");
+    assert!(err.contains("stored definition of job fc is unreadable: invalid value \"public.\" for tables"), "{err}");
     assert_eq!(c.value("target", "SELECT enabled::text FROM cube_dispatcher.job").as_deref(), Some("false"));
     assert_eq!(
         c.value("target", "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'orders\\_%'").as_deref(),

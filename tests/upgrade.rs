@@ -1,6 +1,7 @@
-//! Upgrading a running installation: 0.1.0 (its frozen install script and its own library, built
-//! from the commit that released it) runs a job, the library is replaced while events are in
-//! flight, `ALTER EXTENSION ... UPDATE` runs, and the job goes on with nothing lost or doubled.
+//! Upgrading a running installation: each released version (its frozen install script and its
+//! own library, built from the commit that released it) runs a job, the library is replaced
+//! while events are in flight, `ALTER EXTENSION ... UPDATE` runs, and the job goes on with
+//! nothing lost or doubled.
 //!
 //! This swaps the installed library for a while, so it is the only test of its binary: cargo runs
 //! test binaries one after another, never two at once.
@@ -11,25 +12,39 @@ use common::{literal, run, Cluster};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The commit that released 0.1.0; its install script is frozen in sql/frozen/.
-const RELEASE_0_1_0: &str = "0d309bf40c013ca1b2e77756cbe1752b0e850e51";
+/// A released version: the commit that released it (its install script is frozen in
+/// sql/frozen/), and the SQLSTATE its library gave `stop()` of an unknown job, which tells which
+/// library answers.
+struct Release {
+    version: &'static str,
+    commit: &'static str,
+    unknown_job: &'static str,
+}
+
+const RELEASES: &[Release] = &[
+    // 0.1.0 raised every refusal as XX000
+    Release { version: "0.1.0", commit: "0d309bf40c013ca1b2e77756cbe1752b0e850e51", unknown_job: "XX000" },
+    Release { version: "0.2.0", commit: "7d808281fd28326298469de9a49a14b25b4a5214", unknown_job: "42704" },
+];
 const ORDERS: &str = "CREATE TABLE orders (id int PRIMARY KEY, txt text)";
 
-/// 0.1.0's library, built from its commit (kept under target/, so later runs only check it).
-fn library_0_1_0() -> PathBuf {
+/// A release's library, built from its commit (kept under target/, so later runs only check it).
+fn library(release: &Release) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let base = root.join("target/upgrade-0.1.0");
+    let base = root.join(format!("target/upgrade-{}", release.version));
     let src = base.join("src");
     if !src.join("Cargo.toml").exists() {
         std::fs::create_dir_all(&src).unwrap();
         let mut extract = Command::new("sh");
         extract.arg("-c").arg(format!(
-            "git -C {} archive --format=tar {RELEASE_0_1_0} | tar -x -C {} && echo ok",
+            "git -C {} archive --format=tar {} | tar -x -C {} && echo ok",
             root.display(),
+            release.commit,
             src.display()
         ));
-        let tar =
-            run(extract, &format!("extracting 0.1.0's source (commit {RELEASE_0_1_0}; the clone needs its history)"));
+        let what =
+            format!("extracting {}'s source (commit {}; the clone needs its history)", release.version, release.commit);
+        let tar = run(extract, &what);
         assert_eq!(tar, "ok");
     }
     let mut build = Command::new(env!("CARGO"));
@@ -37,7 +52,7 @@ fn library_0_1_0() -> PathBuf {
         .args(["build", "--lib", "--quiet", "--manifest-path"])
         .arg(src.join("Cargo.toml"))
         .env("CARGO_TARGET_DIR", base.join("target"));
-    run(build, "building 0.1.0's library");
+    run(build, &format!("building {}'s library", release.version));
     base.join("target/debug/libcube_dispatcher.so")
 }
 
@@ -76,9 +91,16 @@ impl Drop for RestoreLibrary {
     }
 }
 
+/// One test for all releases: each swaps the installed library, so they must not run at once.
 #[test]
-fn a_running_0_1_0_job_is_upgraded_with_nothing_lost_or_doubled() {
-    let old = library_0_1_0();
+fn a_running_job_of_each_release_is_upgraded_with_nothing_lost_or_doubled() {
+    for release in RELEASES {
+        upgrade_from(release);
+    }
+}
+
+fn upgrade_from(release: &Release) {
+    let old = library(release);
     let mut pg_config = Command::new(format!("{}/pg_config", common::BIN));
     pg_config.arg("--pkglibdir");
     let pkglibdir = run(pg_config, "pg_config");
@@ -91,10 +113,9 @@ fn a_running_0_1_0_job_is_upgraded_with_nothing_lost_or_doubled() {
     // declared after the guard, so the cluster is gone before the library is put back
     let c = Cluster::start_bare(&[]);
     c.exec("source", "CREATE EXTENSION pgq");
-    c.exec("target", "CREATE EXTENSION cube_dispatcher VERSION '0.1.0' CASCADE");
-    // which library answers: 0.1.0 raised every refusal as XX000
-    let unknown_job = || c.try_exec_state("target", "SELECT cube_dispatcher.stop('nosuch')").unwrap_err().0;
-    assert_eq!(unknown_job(), "XX000", "0.1.0's library is the one loaded");
+    c.exec("target", &format!("CREATE EXTENSION cube_dispatcher VERSION '{}' CASCADE", release.version));
+    let unknown_job = || c.try_exec_state("target", "SELECT cube_dispatcher.stop('nosuch')").unwrap_err();
+    assert_eq!(unknown_job().0, release.unknown_job, "{}'s library is the one loaded", release.version);
     c.feed("q", "orders", ORDERS, ORDERS);
     c.start_job("up", "q", &[("on_error", "dead_letter")]);
     let batch = |from: i32, to: i32| {
@@ -112,9 +133,15 @@ fn a_running_0_1_0_job_is_upgraded_with_nothing_lost_or_doubled() {
     batch(1001, 30000);
     install_library(&saved, &installed);
     c.restart_immediate();
-    // the launcher resumes the job with the new library on the 0.1.0 schema; then the update
-    assert_eq!(unknown_job(), "42704", "the new library is the one loaded");
+    // the launcher resumes the job with the new library on the old objects: the job waits, the
+    // control functions refuse, both saying what to do
+    let (code, msg) = unknown_job();
+    assert_eq!(code, "55000", "the new library is the one loaded and refuses: {msg}");
+    assert!(msg.contains(&format!("objects in this database are version {}", release.version)), "{msg}");
+    assert!(msg.contains("run ALTER EXTENSION cube_dispatcher UPDATE"), "{msg}");
+    c.wait_status("up", "last_error", |e| e.is_some_and(|e| e.contains("waiting: the extension's objects")));
     c.exec("target", "ALTER EXTENSION cube_dispatcher UPDATE");
+    assert_eq!(unknown_job().0, "42704", "after the update");
     assert_eq!(
         c.value("target", "SELECT extversion FROM pg_extension WHERE extname = 'cube_dispatcher'").as_deref(),
         Some(env!("CARGO_PKG_VERSION"))
@@ -137,7 +164,13 @@ fn a_running_0_1_0_job_is_upgraded_with_nothing_lost_or_doubled() {
         "position and counters carried over"
     );
 
-    // what 0.2.0 changed is there, the same as in a fresh installation
+    // the definition carried over reads back as the same settings stored afresh
+    let stored = || c.value("target", "SELECT options::text FROM cube_dispatcher.job WHERE job_name = 'up'");
+    let carried = stored();
+    c.exec("target", "SELECT cube_dispatcher.reload('up')");
+    assert_eq!(stored(), carried, "options carried over");
+
+    // what later versions changed is there, the same as in a fresh installation
     let catalog = |db: &str| {
         c.query(
             db,
@@ -149,6 +182,14 @@ fn a_running_0_1_0_job_is_upgraded_with_nothing_lost_or_doubled() {
              UNION ALL
              SELECT 'column ' || table_name || '.' || column_name || ' ' || data_type || ' ' || coalesce(column_default, '')
                FROM information_schema.columns WHERE table_schema = 'cube_dispatcher'
+             UNION ALL
+             SELECT 'view ' || viewname || ' ' || definition FROM pg_views WHERE schemaname = 'cube_dispatcher'
+             UNION ALL
+             SELECT 'acl ' || c.oid::regclass || ' ' || coalesce(c.relacl::text, '') FROM pg_class c
+              WHERE relnamespace = 'cube_dispatcher'::regnamespace
+             UNION ALL
+             SELECT 'acl ' || p.oid::regprocedure || ' ' || coalesce(p.proacl::text, '') FROM pg_proc p
+              WHERE pronamespace = 'cube_dispatcher'::regnamespace
              ORDER BY 1",
         )
     };
