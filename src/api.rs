@@ -4,6 +4,7 @@
 use crate::apply::BatchWriter;
 use crate::config::{self, mask_password, ConfigError, Context, JobConfig, Setting};
 use crate::event::RawEvent;
+use crate::part_time::Placement;
 use crate::roles;
 use crate::source::Source;
 use crate::state;
@@ -314,8 +315,20 @@ fn replay(job: &str) -> Result<i64, ApiError> {
     })
     .unwrap_or_else(|e| crate::spi::fail(e));
     let mut written = 0;
+    let mut time_zone = None;
     for (id, suffix, ev) in letters {
-        let mut writer = BatchWriter::new(&row.config, row.run_as, suffix);
+        let source_time_zone = || {
+            time_zone
+                .get_or_insert_with(|| {
+                    let mut source = Source::new(row.run_as, &row.config.src_db, Duration::from_secs(60));
+                    let tz = source.time_zone();
+                    source.disconnect();
+                    tz
+                })
+                .clone()
+        };
+        let placement = Placement::for_replay(&row.config, suffix, source_time_zone);
+        let mut writer = BatchWriter::new(&row.config, row.run_as, placement);
         match writer.apply_isolated(&ev) {
             Ok(()) => {
                 crate::spi::run("DELETE FROM cube_dispatcher.dead_letter WHERE id = $1", &[id.into()]);

@@ -3,9 +3,10 @@
 //! one statement per table and column set per chunk, never one per event.
 
 use crate::config::JobConfig;
-use crate::decode::{self, DecodeError, Op, TableName};
+use crate::decode::{self, DecodeError, Op, Row, TableName};
 use crate::event::{Chunks, RawEvent};
 use crate::mode::ModeError;
+use crate::part_time::{Placement, TimeOf};
 use crate::plan::{self, Change, DeleteGroup, InsertGroup};
 use crate::route::{self, RouteError};
 use crate::tx::{catching, in_subtransaction, SqlError, SubError};
@@ -53,8 +54,16 @@ pub enum EventError {
     NoParent(String),
     #[error("table {0} is not in the job's tables list")]
     NotAllowed(String),
-    #[error("creating partition {table} failed: {cause}")]
-    Template { table: String, cause: SqlError },
+    #[error("creating partition {table} failed: {step}: {cause}")]
+    Template { step: &'static str, table: String, cause: SqlError },
+    #[error("part_field names no column for table {0}")]
+    NoPartField(String),
+    #[error("part_field column {0:?} is missing from ev_data")]
+    PartFieldMissing(String),
+    #[error("part_field column {0:?} is NULL")]
+    PartFieldNull(String),
+    #[error("{what} {value:?} is not a time: {cause}")]
+    NotATime { what: String, value: String, cause: SqlError },
     #[error("{0}")]
     Sql(SqlError),
 }
@@ -97,17 +106,20 @@ struct Partition {
     key_index: std::cell::RefCell<Option<(String, bool)>>,
 }
 
-/// One batch being applied. Partitions are looked up once per batch (a batch has one suffix).
+/// One batch being applied. Partitions are looked up once per batch.
 pub struct BatchWriter<'a> {
     job: &'a JobConfig,
     /// Rows and partitions are written with this role's privileges (the job's owner).
     role: pg_sys::Oid,
-    suffix: Option<String>,
+    /// which partition suffix each event gets
+    placement: Placement,
     partitions: Vec<Partition>,
     by_name: HashMap<TableName, usize>,
-    /// Consecutive events mostly repeat the previous one's ev_extra1 and ev_type: reuse their
-    /// parsed form instead of parsing and hashing again.
-    last_table: Option<(String, usize)>,
+    /// Consecutive events mostly repeat the previous one's ev_extra1, suffix and ev_type: reuse
+    /// their parsed form instead of parsing and hashing again.
+    last_table: Option<(String, Option<String>, usize)>,
+    /// ev_extra1 -> the part_field column of that table
+    last_field: Option<(String, Option<String>)>,
     last_type: Option<(String, Op, Rc<Vec<String>>)>,
     pub created: Vec<String>,
 }
@@ -119,14 +131,15 @@ fn run_sql(sql: &str, args: &[DatumWithOid]) -> Result<(), SqlError> {
 }
 
 impl<'a> BatchWriter<'a> {
-    pub fn new(job: &'a JobConfig, role: pg_sys::Oid, suffix: Option<String>) -> Self {
+    pub fn new(job: &'a JobConfig, role: pg_sys::Oid, placement: Placement) -> Self {
         BatchWriter {
             job,
             role,
-            suffix,
+            placement,
             partitions: Vec::new(),
             by_name: HashMap::new(),
             last_table: None,
+            last_field: None,
             last_type: None,
             created: Vec::new(),
         }
@@ -140,14 +153,17 @@ impl<'a> BatchWriter<'a> {
         self.last_table = None;
     }
 
-    /// The partition index for ev_extra1, opening (or creating) the partition on first sight.
-    fn destination(&mut self, ev: &RawEvent, pkey: &[String]) -> Result<usize, ApplyError> {
+    /// The partition index for ev_extra1 and the suffix, opening (or creating) the partition on
+    /// first sight.
+    fn destination(&mut self, ev: &RawEvent, pkey: &[String], time: Option<&str>) -> Result<usize, ApplyError> {
         let raw = ev.ev_extra1.as_deref();
-        if let (Some((last, i)), Some(raw)) = (&self.last_table, raw) {
-            if last == raw {
+        let suffix = self.placement.suffix(time);
+        if let (Some((last, last_suffix, i)), Some(raw)) = (&self.last_table, raw) {
+            if last == raw && last_suffix.as_deref() == suffix {
                 return Ok(*i);
             }
         }
+        let suffix = suffix.map(str::to_string);
         let fail = |cause: EventError| ApplyError::Event {
             ev_id: ev.ev_id,
             table: raw.unwrap_or("(null)").to_string(),
@@ -157,7 +173,7 @@ impl<'a> BatchWriter<'a> {
         if self.job.tables.as_ref().is_some_and(|t| !t.allows(&parent.schema, &parent.table)) {
             return Err(fail(EventError::NotAllowed(route::qualified(&parent, &quote_ident))));
         }
-        let dest = route::partition_of(&parent, self.suffix.as_deref()).map_err(|e| fail(e.into()))?;
+        let dest = route::partition_of(&parent, suffix.as_deref()).map_err(|e| fail(e.into()))?;
         let i = match self.by_name.get(&dest) {
             Some(&i) => i,
             None => {
@@ -171,8 +187,42 @@ impl<'a> BatchWriter<'a> {
                 self.partitions.len() - 1
             }
         };
-        self.last_table = raw.map(|r| (r.to_string(), i));
+        self.last_table = raw.map(|r| (r.to_string(), suffix, i));
         Ok(i)
+    }
+
+    /// The part_field column for the event's table (parsed once per run of one table).
+    fn part_field_of(&mut self, ev: &RawEvent) -> Result<Option<String>, EventError> {
+        let Some(TimeOf::Field(field)) = self.placement.time_of() else { return Ok(None) };
+        let raw = ev.ev_extra1.as_deref().unwrap_or_default();
+        if let Some((last, column)) = &self.last_field {
+            if last == raw {
+                return Ok(column.clone());
+            }
+        }
+        let parent = decode::parse_table(ev.ev_extra1.as_deref())?;
+        let column = field.column_for(&parent.schema, &parent.table).map(str::to_string);
+        if column.is_none() {
+            return Err(EventError::NoPartField(route::qualified(&parent, &quote_ident)));
+        }
+        self.last_field = Some((raw.to_string(), column.clone()));
+        Ok(column)
+    }
+
+    /// The time that places the event, where each event has its own.
+    fn time_of<'e>(&mut self, ev: &'e RawEvent, row: &Row<'e>) -> Result<Option<Cow<'e, str>>, EventError> {
+        match self.placement.time_of() {
+            None => Ok(None),
+            Some(TimeOf::EventTime) => Ok(ev.ev_time.as_deref().map(Cow::Borrowed)),
+            Some(TimeOf::Field(_)) => {
+                let column = self.part_field_of(ev)?.unwrap_or_default();
+                match row.iter().find(|(c, _)| *c == column) {
+                    None => Err(EventError::PartFieldMissing(column)),
+                    Some((_, None)) => Err(EventError::PartFieldNull(column)),
+                    Some((_, Some(v))) => Ok(Some(v.decoded())),
+                }
+            }
+        }
     }
 
     fn event_type(&mut self, ev: &RawEvent) -> Result<(Op, Rc<Vec<String>>), EventError> {
@@ -188,18 +238,47 @@ impl<'a> BatchWriter<'a> {
         Ok((ty.op, pkey))
     }
 
-    /// Decodes, checks and routes one event. Every failure names the event and its table.
-    fn change<'e>(&mut self, ev: &'e RawEvent<'_>) -> Result<Change<'e>, ApplyError> {
-        let fail = |cause: EventError| ApplyError::Event {
+    /// Decodes, checks, places and routes a run of events. Every failure names the event and its
+    /// table.
+    fn changes<'e>(&mut self, events: &'e [RawEvent<'_>]) -> Result<Vec<Change<'e>>, ApplyError> {
+        let fail = |ev: &RawEvent, cause: EventError| ApplyError::Event {
             ev_id: ev.ev_id,
             table: ev.ev_extra1.as_deref().unwrap_or("(null)").to_string(),
             cause,
         };
-        let (op, pkey) = self.event_type(ev).map_err(fail)?;
-        let row = decode::parse_row(ev.ev_data.as_deref()).map_err(|e| fail(e.into()))?;
-        self.job.mode.check(op, &pkey, &row).map_err(|e| fail(e.into()))?;
-        let dest = self.destination(ev, &pkey)?;
-        Ok(Change { ev_id: ev.ev_id, op, dest, pkey, row })
+        let mut decoded = Vec::with_capacity(events.len());
+        let mut times = Vec::new();
+        for ev in events {
+            let (op, pkey) = self.event_type(ev).map_err(|e| fail(ev, e))?;
+            let row = decode::parse_row(ev.ev_data.as_deref()).map_err(|e| fail(ev, e.into()))?;
+            self.job.mode.check(op, &pkey, &row).map_err(|e| fail(ev, e.into()))?;
+            if self.placement.time_of().is_some() {
+                times.push(self.time_of(ev, &row).map_err(|e| fail(ev, e))?);
+            }
+            decoded.push((op, pkey, row));
+        }
+        if let Err(bad) = self.placement.learn(times.iter().flatten().map(|t| t.as_ref())) {
+            let i = times.iter().position(|t| t.as_deref() == Some(bad.text.as_str())).unwrap_or_default();
+            let what = match self.part_field_of(&events[i]) {
+                Ok(Some(column)) => format!("part_field column {column:?}"),
+                _ => "ev_time".to_string(),
+            };
+            return Err(fail(&events[i], EventError::NotATime { what, value: bad.text, cause: bad.cause }));
+        }
+        let mut changes = Vec::with_capacity(events.len());
+        for (i, (ev, (op, pkey, row))) in events.iter().zip(decoded).enumerate() {
+            let time = times.get(i).and_then(|t| t.as_deref());
+            let dest = self.destination(ev, &pkey, time)?;
+            changes.push(Change { ev_id: ev.ev_id, op, dest, pkey, row });
+        }
+        Ok(changes)
+    }
+
+    /// The suffix an event was given, if it got that far (dead letters keep it for the replay).
+    pub fn suffix_of(&mut self, ev: &RawEvent) -> Option<String> {
+        let row = decode::parse_row(ev.ev_data.as_deref()).ok()?;
+        let time = self.time_of(ev, &row).ok()?;
+        self.placement.suffix(time.as_deref()).map(str::to_string)
     }
 
     /// Writes one event in a subtransaction of its own, so that a failure rolls back that event
@@ -321,10 +400,7 @@ impl<'a> BatchWriter<'a> {
     }
 
     fn apply_as_owner(&mut self, events: &[RawEvent], leave_open: bool) -> Result<Option<OpenCopy>, ApplyError> {
-        let mut changes = Vec::with_capacity(events.len());
-        for ev in events {
-            changes.push(self.change(ev)?);
-        }
+        let changes = self.changes(events)?;
         let plan = plan::plan(&changes, self.job.mode);
         for d in &plan.deletes {
             self.delete(d)?;
@@ -349,16 +425,14 @@ impl<'a> BatchWriter<'a> {
         if events.is_empty() || events.iter().any(|e| e.ev_extra1.as_deref() != Some(open.table.as_str())) {
             return None;
         }
-        let mut changes = Vec::with_capacity(events.len());
-        for ev in events {
-            let ch = self.change(ev).ok()?;
-            let same = ch.dest == open.dest
+        let changes = self.changes(events).ok()?;
+        let same = |ch: &Change| {
+            ch.dest == open.dest
                 && ch.row.len() == open.columns.len()
-                && ch.row.iter().zip(&open.columns).all(|((c, _), o)| c == o);
-            if !same {
-                return None;
-            }
-            changes.push(ch);
+                && ch.row.iter().zip(&open.columns).all(|((c, _), o)| c == o)
+        };
+        if !changes.iter().all(same) {
+            return None;
         }
         push_rows(out, changes.iter().map(|c| &c.row));
         Some((events[0].ev_id, events[events.len() - 1].ev_id))
@@ -415,10 +489,21 @@ impl<'a> BatchWriter<'a> {
                 if !exists(&parent_q)? {
                     return Err(EventError::NoParent(parent_q));
                 }
-                let ddl = route::render_template(template, dest, parent, pkey, &quote_ident);
-                // a nest of its own: whatever the template SETs ends with it (see roles::as_role)
-                crate::roles::as_role(self.role, || run_sql(&ddl, &[]))
-                    .map_err(|cause| EventError::Template { table: qualified.clone(), cause })?;
+                // each in a nest of its own: whatever one SETs ends with it (see roles::as_role)
+                let steps = [
+                    ("pre_part", self.job.pre_part.as_deref()),
+                    ("part_template", Some(template)),
+                    ("post_part", self.job.post_part.as_deref()),
+                ];
+                for (step, sql) in steps {
+                    let Some(sql) = sql else { continue };
+                    let sql = route::render_template(sql, dest, parent, pkey, &quote_ident);
+                    crate::roles::as_role(self.role, || run_sql(&sql, &[])).map_err(|cause| EventError::Template {
+                        step,
+                        table: qualified.clone(),
+                        cause,
+                    })?;
+                }
                 self.created.push(qualified.clone());
             }
         }

@@ -6,6 +6,7 @@
 use crate::apply::{ApplyError, BatchWriter, Written};
 use crate::config::{JobConfig, OnError};
 use crate::event::Chunks;
+use crate::part_time::Placement;
 use crate::source::{BatchInfo, Source};
 use crate::state;
 use crate::tx::{in_transaction, try_in_transaction, SqlError};
@@ -138,19 +139,21 @@ pub fn run(
     let started = Instant::now();
     let mut batch_id = None;
     let written = try_in_transaction(|| {
-        let Some(info) = source.next_batch(&cfg.pgq_queue_name, &cfg.pgq_consumer_id, cfg.dateformat.as_deref()) else {
+        let Some(info) = source.next_batch(&cfg.pgq_queue_name, &cfg.pgq_consumer_id, cfg.suffix_format()) else {
             return Ok(None);
         };
         batch_id = Some(info.batch_id);
         if already_written(cfg, &info)? {
             return Ok(Some((info, None)));
         }
-        source.open_events(&info, cfg.mode.reads_in_ev_id_order(), pace.reads_ev_time());
-        let mut writer = BatchWriter::new(cfg, role, info.suffix.clone());
+        let with_time = pace.reads_ev_time() || cfg.part_mode.reads_event_time();
+        source.open_events(&info, cfg.mode.reads_in_ev_id_order(), with_time);
+        let mut writer = BatchWriter::new(cfg, role, Placement::for_batch(cfg, &info));
         let written = pace.write(&mut writer, source)?;
         source.close_events();
         for (ev, why) in &written.parked {
-            state::dead_letter(&cfg.job_name, info.batch_id, info.suffix.as_deref(), ev, &why.to_string());
+            let suffix = writer.suffix_of(ev);
+            state::dead_letter(&cfg.job_name, info.batch_id, suffix.as_deref(), ev, &why.to_string());
         }
         state::record_batch(&cfg.job_name, &info, written.events, recent_eps);
         Ok(Some((info, Some((written, std::mem::take(&mut writer.created), Instant::now())))))

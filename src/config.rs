@@ -6,6 +6,7 @@
 //! resulting strings, so it is tested without a server.
 
 use crate::mode::Mode;
+use crate::placement::{DateFormat, PartField, PartMode, Period};
 use std::collections::BTreeMap;
 use thiserror::Error;
 
@@ -161,14 +162,50 @@ impl Kind<String> for JobNamed {
     }
 }
 
-/// Text where the empty string means "none" (dateformat: no partitioning).
-struct EmptyIsNone;
-impl Kind<Option<String>> for EmptyIsNone {
-    fn parse(text: Option<&str>, _: &Context) -> Result<Option<String>, String> {
-        Ok(text.filter(|v| !v.is_empty()).map(str::to_string))
+/// dateformat: unset follows the period, the empty string turns partitioning off.
+struct DateFormats;
+impl Kind<DateFormat> for DateFormats {
+    fn parse(text: Option<&str>, _: &Context) -> Result<DateFormat, String> {
+        Ok(match text {
+            None => DateFormat::FromPeriod,
+            Some("") => DateFormat::Off,
+            Some(f) => DateFormat::Format(f.to_string()),
+        })
     }
-    fn text(value: &Option<String>) -> Option<String> {
-        Some(value.clone().unwrap_or_default())
+    fn text(value: &DateFormat) -> Option<String> {
+        match value {
+            DateFormat::FromPeriod => None,
+            DateFormat::Off => Some(String::new()),
+            DateFormat::Format(f) => Some(f.clone()),
+        }
+    }
+}
+
+/// One of a few words, or unset.
+struct MaybeWords;
+impl<T: Word> Kind<Option<T>> for MaybeWords {
+    fn parse(text: Option<&str>, ctx: &Context) -> Result<Option<T>, String> {
+        match text {
+            Some(t) if !t.trim().is_empty() => <Words as Kind<T>>::parse(Some(t), ctx).map(Some),
+            _ => Ok(None),
+        }
+    }
+    fn text(value: &Option<T>) -> Option<String> {
+        value.map(|w| w.as_str().to_string())
+    }
+}
+
+/// part_field: a column, or one per table.
+struct PartFields;
+impl Kind<Option<PartField>> for PartFields {
+    fn parse(text: Option<&str>, _: &Context) -> Result<Option<PartField>, String> {
+        match text {
+            Some(t) if !t.trim().is_empty() => PartField::parse(t).map(Some).map_err(str::to_string),
+            _ => Ok(None),
+        }
+    }
+    fn text(value: &Option<PartField>) -> Option<String> {
+        value.as_ref().map(|f| f.text.clone())
     }
 }
 
@@ -280,10 +317,20 @@ options! {
         "the PgQ consumer name to register";
     mode: Mode, Words, Unset::Value("keep_latest"), NextBatch,
         "keep_latest (a partition holds the last version of each row) or keep_all (every version)";
-    dateformat: Option<String>, EmptyIsNone, Unset::Value("YYYY_MM_DD"), NextBatch,
+    dateformat: DateFormat, DateFormats, Unset::Means("the period's: `YYYY_MM_DD` for `day`"), NextBatch,
         "to_char() format of the partition suffix; empty: no partitions";
+    period: Option<Period>, MaybeWords, Unset::Means("from `dateformat`, else `day`"), NextBatch,
+        "what one partition covers: hour, day, month or year";
+    part_mode: PartMode, Words, Unset::Value("batch_time"), NextBatch,
+        "which time places a row: batch_time, event_time, date_field or current_time";
+    part_field: Option<PartField>, PartFields, Unset::Means("unset"), NextBatch,
+        "date_field: the column whose time places a row, or per table: schema.table:column;...";
     part_template: Option<String>, Optional, Unset::Means("see below"), NextBatch,
         "SQL that creates a missing partition; empty: a missing partition is an error";
+    pre_part: Option<String>, Optional, Unset::Means("unset"), NextBatch,
+        "SQL run just before a partition is created (same words as part_template)";
+    post_part: Option<String>, Optional, Unset::Means("unset"), NextBatch,
+        "SQL run just after a partition is created (same words as part_template)";
     loop_delay: f64, Seconds<true>, Unset::Value("1"), Reload,
         "seconds to wait when there is no batch";
     connection_lifetime: f64, Seconds<false>, Unset::Value("1200"), Reload,
@@ -397,6 +444,8 @@ pub enum ConfigError {
     BadJobName(String),
     #[error("{guc} is not set (required)")]
     Missing { guc: String },
+    #[error("{guc} is not set: {why}")]
+    Needed { guc: String, why: &'static str },
     #[error("invalid value {value:?} for {guc}: {why}")]
     Invalid { guc: String, value: String, why: String },
     #[error("{guc} is not an option of cube_dispatcher{}", match .nearest { Some(n) => format!("; did you mean {n}?"), None => String::new() })]
@@ -466,7 +515,42 @@ impl JobConfig {
     /// definitions go through this same validation.
     pub fn read(ctx: &Context, lookup: &dyn Fn(&str) -> Setting) -> Result<JobConfig, ConfigError> {
         validate_job_name(ctx.job)?;
-        Self::read_options(ctx, lookup)
+        let mut cfg = Self::read_options(ctx, lookup)?;
+        cfg.settle(lookup)?;
+        Ok(cfg)
+    }
+
+    /// What options say together: date_field needs its column; a dateformat of one period under
+    /// another period is a contradiction; an unset dateformat is the period's (and stored so).
+    fn settle(&mut self, lookup: &dyn Fn(&str) -> Setting) -> Result<(), ConfigError> {
+        if self.part_mode == PartMode::DateField && self.part_field.is_none() {
+            return Err(ConfigError::Needed {
+                guc: lookup("part_field").place,
+                why: "part_mode = date_field places each row by the time in this column",
+            });
+        }
+        if let (Some(period), DateFormat::Format(f)) = (self.period, &self.dateformat) {
+            if let Some(other) = Period::of_dateformat(f).filter(|p| *p != period) {
+                return Err(ConfigError::Invalid {
+                    guc: lookup("dateformat").place,
+                    value: f.clone(),
+                    why: format!("this is the format of period {}, but period is {}", other.as_str(), period.as_str()),
+                });
+            }
+        }
+        if self.dateformat == DateFormat::FromPeriod {
+            self.dateformat = DateFormat::Format(self.period.unwrap_or(Period::Day).dateformat().to_string());
+        }
+        Ok(())
+    }
+
+    /// The to_char() format of partition suffixes; None: partitioning is off.
+    pub fn suffix_format(&self) -> Option<&str> {
+        match &self.dateformat {
+            DateFormat::Format(f) => Some(f),
+            DateFormat::Off => None,
+            DateFormat::FromPeriod => Some(self.period.unwrap_or(Period::Day).dateformat()),
+        }
     }
 
     /// The stored form: a JSON object of each option's setting text (null: unset).
@@ -628,11 +712,39 @@ mod tests {
         let c = cfg(BASE).unwrap();
         assert_eq!(c.pgq_consumer_id, "sales");
         assert_eq!(c.mode, Mode::KeepLatest);
-        assert_eq!(c.dateformat.as_deref(), Some("YYYY_MM_DD"));
+        assert_eq!(c.suffix_format(), Some("YYYY_MM_DD"));
+        assert_eq!((c.period, c.part_mode, c.part_field.as_ref()), (None, PartMode::BatchTime, None));
         assert_eq!(c.part_template, None);
         assert_eq!((c.loop_delay, c.connection_lifetime), (1.0, 1200.0));
         assert_eq!(c.log_level, LogLevel::Normal);
         assert_eq!(c.on_error, OnError::Retry);
+    }
+
+    #[test]
+    fn period_dateformat_and_part_mode_settle_together() {
+        let c = cfg(&with(&[("period", "hour")])).unwrap();
+        assert_eq!(c.suffix_format(), Some("YYYY_MM_DD_HH24"));
+        assert!(c.to_json().contains(r#""dateformat":"YYYY_MM_DD_HH24""#), "the resolved format is stored");
+        for period in ["day", "month", "year"] {
+            let c = cfg(&with(&[("period", period)])).unwrap();
+            assert_eq!(c.suffix_format().and_then(Period::of_dateformat).map(Period::as_str), Some(period));
+        }
+        let c = cfg(&with(&[("dateformat", "YYYYMMDD"), ("period", "day")])).unwrap();
+        assert_eq!((c.suffix_format(), c.period), (Some("YYYYMMDD"), Some(Period::Day)));
+        assert_eq!(
+            cfg(&with(&[("dateformat", "YYYY_MM_DD"), ("period", "hour")])).unwrap_err().to_string(),
+            "invalid value \"YYYY_MM_DD\" for cube_dispatcher.sales.dateformat: this is the format of period day, but period is hour"
+        );
+        assert_eq!(
+            cfg(&with(&[("part_mode", "date_field")])).unwrap_err().to_string(),
+            "cube_dispatcher.sales.part_field is not set: part_mode = date_field places each row by the time in this column"
+        );
+        let c = cfg(&with(&[("part_mode", "date_field"), ("part_field", "orders:ordered_at; created")])).unwrap();
+        assert_eq!(c.part_field.as_ref().and_then(|f| f.column_for("public", "orders")), Some("ordered_at"));
+        for (opt, bad) in [("period", "week"), ("part_mode", "event"), ("part_field", "t:")] {
+            let err = cfg(&with(&[(opt, bad)])).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("invalid value \"{bad}\" for cube_dispatcher.sales.{opt}: ")), "{err}");
+        }
     }
 
     #[test]
@@ -649,7 +761,7 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(c.on_error, OnError::DeadLetter);
-        assert_eq!((c.mode, c.dateformat, c.part_template.as_deref()), (Mode::KeepAll, None, Some("")));
+        assert_eq!((c.mode, c.suffix_format(), c.part_template.as_deref()), (Mode::KeepAll, None, Some("")));
         assert_eq!((c.loop_delay, c.pgq_consumer_id.as_str(), c.log_level), (0.25, "c1", LogLevel::Verbose));
         assert_eq!(cfg(&with(&[("loop_delay", "0")])).unwrap().loop_delay, 0.0, "the original accepted 0");
     }

@@ -8,6 +8,7 @@ mod copy_in;
 mod decode;
 mod event;
 mod mode;
+mod placement;
 mod plan;
 mod route;
 
@@ -16,6 +17,7 @@ mod apply;
 mod batch;
 mod gucs;
 mod launcher;
+mod part_time;
 mod roles;
 mod source;
 mod spi;

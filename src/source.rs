@@ -30,6 +30,8 @@ pub struct BatchInfo {
     pub lag: Option<String>,
     /// pgq.batch_event_sql(): the query that reads the batch's events
     pub events_sql: String,
+    /// the source session's TimeZone, in which every partition suffix is computed
+    pub time_zone: String,
 }
 
 pub struct Source {
@@ -109,7 +111,8 @@ impl Source {
         let sql = self.dblink("SELECT dblink.dblink_connect($1, $2)");
         self.run(&sql, &[CONN.into(), self.conninfo.as_str().into()]);
         let sql = self.dblink("SELECT dblink.dblink_exec($1, $2)");
-        let pin = format!("SET search_path TO {}", crate::roles::SAFE_SEARCH_PATH);
+        // times travel as text: in ISO style, which the target reads back unambiguously
+        let pin = format!("SET search_path TO {}; SET DateStyle TO ISO", crate::roles::SAFE_SEARCH_PATH);
         self.run(&sql, &[CONN.into(), pin.as_str().into()]);
         self.opened_at = Some(Instant::now());
         self.cursor_open = false;
@@ -152,15 +155,16 @@ impl Source {
     pub fn next_batch(&mut self, queue: &str, consumer: &str, dateformat: Option<&str>) -> Option<BatchInfo> {
         self.connect();
         let sql = self.dblink(
-            "SELECT id, prev_tick_id, tick_id, batch_end::text, suffix, lag::text, events_sql
+            "SELECT id, prev_tick_id, tick_id, batch_end::text, suffix, lag::text, events_sql, time_zone
                FROM dblink.dblink($1, format(
                         'select b.id, i.prev_tick_id, i.tick_id, i.batch_end, to_char(i.batch_end, %L), i.lag,
-                                case when b.id is not null then pgq.batch_event_sql(b.id) end
+                                case when b.id is not null then pgq.batch_event_sql(b.id) end,
+                                current_setting(''TimeZone'')
                            from (select pgq.next_batch(%L, %L) as id) b
                            left join lateral pgq.get_batch_info(b.id) i on b.id is not null',
                         coalesce($4, ''), $2::text, $3::text))
                      AS t(id bigint, prev_tick_id bigint, tick_id bigint, batch_end timestamptz, suffix text,
-                      lag interval, events_sql text)",
+                      lag interval, events_sql text, time_zone text)",
         );
         crate::roles::as_role(self.role, || {
             Spi::connect(|c| {
@@ -175,6 +179,7 @@ impl Source {
                     suffix: if dateformat.is_some() { row.get::<String>(5)? } else { None },
                     lag: row.get(6)?,
                     events_sql: row.get(7)?.unwrap_or_default(),
+                    time_zone: row.get(8)?.unwrap_or_default(),
                 }))
             })
         })
@@ -234,6 +239,13 @@ impl Source {
         let sql = self
             .dblink("SELECT r FROM dblink.dblink($1, format('select pgq.finish_batch(%s)', $2::bigint)) AS t(r int)");
         let _: Option<i32> = self.value(&sql, &[CONN.into(), batch_id.into()]);
+    }
+
+    /// The source session's TimeZone.
+    pub fn time_zone(&mut self) -> String {
+        self.connect();
+        let sql = self.dblink("SELECT tz FROM dblink.dblink($1, 'select current_setting(''TimeZone'')') AS t(tz text)");
+        self.value(&sql, &[CONN.into()]).unwrap_or_default()
     }
 
     /// pgq.get_consumer_info's lag, for status; None when the consumer is not registered.

@@ -233,3 +233,55 @@ fn two_jobs_create_the_same_new_partitions_at_once() {
     }
     assert_all(&c, &format!("orders_{}", c.suffix("YYYY_MM_DD")), &o, 2);
 }
+
+/// Exactly once when one batch spans many partitions (part_mode = date_field): the worker is
+/// killed while writing it, and every row is in the partition of its own day once.
+#[test]
+fn sigkill_mid_batch_that_spans_many_partitions() {
+    let c = Cluster::start();
+    c.feed(
+        "q",
+        "orders",
+        "CREATE TABLE orders (id int PRIMARY KEY, txt text, day date)",
+        "CREATE TABLE orders (id int PRIMARY KEY, txt text, day date)",
+    );
+    c.start_job("f", "q", &[("part_mode", "date_field"), ("part_field", "day")]);
+    // one statement, one tick: the batch exists only once it is all there
+    let batch = |lo: i32, hi: i32| {
+        c.source_sql(&format!(
+            "INSERT INTO orders SELECT g, 't' || g, date '2020-01-01' + g % 40 FROM generate_series({lo}, {hi}) g;
+             UPDATE orders SET txt = 'u' || id WHERE id % 3 = 0 AND id BETWEEN {lo} AND {hi} - 1000;"
+        ));
+        c.tick("q");
+    };
+    batch(1, 1000);
+    c.wait_caught_up("q", "f");
+    batch(1001, 200_000);
+    c.wait_until("worker writing a batch", Duration::from_secs(60), || {
+        c.value(
+            "target",
+            "SELECT (count(*) > 0)::text FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+              WHERE a.backend_type = 'cube_dispatcher f' AND l.mode = 'RowExclusiveLock'
+                AND l.relation::regclass::text LIKE 'orders\\_%'",
+        )
+        .as_deref()
+            == Some("true")
+    });
+    let pid = worker_pid(&c, "f").unwrap();
+    std::process::Command::new("kill").args(["-9", &pid]).status().unwrap();
+    c.wait_caught_up("q", "f");
+    assert_ne!(worker_pid(&c, "f"), Some(pid));
+    let source = c.query("source", "SELECT 'orders_' || to_char(day, 'YYYY_MM_DD'), id, txt FROM orders ORDER BY 2");
+    let union: String = (0..40)
+        .map(|d| {
+            let day = c.value("source", &format!("SELECT to_char(date '2020-01-01' + {d}, 'YYYY_MM_DD')")).unwrap();
+            format!("SELECT 'orders_{day}', id, txt FROM orders_{day}")
+        })
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ");
+    assert_eq!(
+        c.query("target", &format!("SELECT * FROM ({union}) u ORDER BY 2")),
+        source,
+        "every row once, in its partition"
+    );
+}

@@ -164,11 +164,26 @@ fn upgrade_from(release: &Release) {
         "position and counters carried over"
     );
 
-    // the definition carried over reads back as the same settings stored afresh
-    let stored = || c.value("target", "SELECT options::text FROM cube_dispatcher.job WHERE job_name = 'up'");
+    // the definition carried over reads back as the same settings stored afresh: equal, or
+    // absent from it where the fresh one holds the option's default (options added since)
+    let stored = || c.value("target", "SELECT options::text FROM cube_dispatcher.job WHERE job_name = 'up'").unwrap();
     let carried = stored();
     c.exec("target", "SELECT cube_dispatcher.reload('up')");
-    assert_eq!(stored(), carried, "options carried over");
+    let fresh = stored();
+    let differing = c.query(
+        "target",
+        &format!(
+            "SELECT k, c.options -> k, f.options -> k
+               FROM (SELECT {}::jsonb AS options) c, (SELECT {}::jsonb AS options) f,
+                    LATERAL (SELECT jsonb_object_keys(c.options) UNION SELECT jsonb_object_keys(f.options)) keys(k)
+               LEFT JOIN cube_dispatcher.options() o ON o.option = k
+              WHERE (c.options -> k) IS DISTINCT FROM (f.options -> k)
+                AND NOT (NOT c.options ? k AND (f.options -> k = 'null' OR f.options ->> k = o.default_value))",
+            literal(&carried),
+            literal(&fresh)
+        ),
+    );
+    assert_eq!(differing, Vec::<Vec<Option<String>>>::new(), "options carried over\n{carried}\n{fresh}");
 
     // what later versions changed is there, the same as in a fresh installation
     let catalog = |db: &str| {

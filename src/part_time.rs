@@ -1,0 +1,136 @@
+//! Each event's partition suffix at run time: one for the whole batch (batch_time, current_time)
+//! or each event's own, from its time (event_time, date_field). Times become suffixes through
+//! PostgreSQL's `to_char`, in the source's time zone, which the batch's transaction takes on: so
+//! every part_mode names partitions the way batch_time always did (on the source).
+
+use crate::config::JobConfig;
+use crate::placement::{PartField, PartMode};
+use crate::source::BatchInfo;
+use crate::tx::{in_subtransaction, SqlError, SubError};
+use std::collections::HashMap;
+
+/// How the events of one batch (or one replay) find their suffix.
+pub enum Placement {
+    /// Every event: this suffix (None: partitioning off).
+    Fixed(Option<String>),
+    /// Each event by its time: `to_char(time::timestamptz, format)`.
+    PerEvent { format: String, time: TimeOf, known: HashMap<String, String> },
+}
+
+/// Which time of an event places it.
+pub enum TimeOf {
+    EventTime,
+    Field(PartField),
+}
+
+/// A time that PostgreSQL would not read as one.
+pub struct NotATime {
+    pub text: String,
+    pub cause: SqlError,
+}
+
+/// The batch's transaction works in the source's time zone. (Times arrive in ISO style, which
+/// PostgreSQL reads the same under any DateStyle.)
+fn take_on_time_zone(time_zone: &str) {
+    crate::spi::run("SELECT set_config('TimeZone', $1, true)", &[time_zone.into()]);
+}
+
+impl Placement {
+    /// For a batch, in its transaction.
+    pub fn for_batch(cfg: &JobConfig, info: &BatchInfo) -> Placement {
+        let Some(format) = cfg.suffix_format() else { return Placement::Fixed(None) };
+        match cfg.part_mode {
+            PartMode::BatchTime => Placement::Fixed(info.suffix.clone()),
+            _ => {
+                take_on_time_zone(&info.time_zone);
+                Placement::for_mode(cfg, format.to_string())
+            }
+        }
+    }
+
+    /// For dead letters written again: the suffix their batch gave them, or, where none was
+    /// recorded (the time itself was what failed), each one's own, in `time_zone` (the source's).
+    pub fn for_replay(cfg: &JobConfig, suffix: Option<String>, time_zone: impl FnOnce() -> String) -> Placement {
+        match (suffix, cfg.suffix_format()) {
+            (Some(s), _) => Placement::Fixed(Some(s)),
+            (None, Some(format)) if cfg.part_mode.per_event() => {
+                take_on_time_zone(&time_zone());
+                Placement::for_mode(cfg, format.to_string())
+            }
+            (None, _) => Placement::Fixed(None),
+        }
+    }
+
+    fn for_mode(cfg: &JobConfig, format: String) -> Placement {
+        let per_event = |time| Placement::PerEvent { format: format.clone(), time, known: HashMap::new() };
+        match (cfg.part_mode, &cfg.part_field) {
+            (PartMode::EventTime, _) => per_event(TimeOf::EventTime),
+            (PartMode::DateField, Some(field)) => per_event(TimeOf::Field(field.clone())),
+            (PartMode::DateField, None) => unreachable!("JobConfig::read requires part_field for date_field"),
+            // the batch transaction's start: every event of the batch in one partition
+            (PartMode::CurrentTime | PartMode::BatchTime, _) => {
+                Placement::Fixed(crate::spi::value("SELECT to_char(now(), $1)", &[format.as_str().into()]))
+            }
+        }
+    }
+
+    /// Formats the times not seen before, in one statement. A time that does not read is
+    /// named; the statement runs in a subtransaction so that the batch can say which.
+    pub fn learn<'t>(&mut self, times: impl Iterator<Item = &'t str>) -> Result<(), NotATime> {
+        let Placement::PerEvent { format, known, .. } = self else { return Ok(()) };
+        // event times are mostly distinct: keep memory bounded over a long batch
+        if known.len() > 100_000 {
+            known.clear();
+        }
+        let mut new: Vec<String> = times.filter(|t| !known.contains_key(*t)).map(str::to_string).collect();
+        new.sort_unstable();
+        new.dedup();
+        if new.is_empty() {
+            return Ok(());
+        }
+        let format = format.as_str();
+        let all = in_subtransaction(|| format_times(&new, format));
+        let suffixes = match all {
+            Ok(s) => s,
+            Err(_) => {
+                // find the culprit, one time at a time
+                for text in &new {
+                    if let Err(e) = in_subtransaction(|| format_times(std::slice::from_ref(text), format)) {
+                        let cause = match e {
+                            SubError::Returned(e) | SubError::Raised(e) => e,
+                        };
+                        return Err(NotATime { text: text.clone(), cause });
+                    }
+                }
+                unreachable!("the statement failed for all the times and for none alone")
+            }
+        };
+        known.extend(new.into_iter().zip(suffixes));
+        Ok(())
+    }
+
+    /// The suffix of an event whose time is `time` (learnt before, if placed per event).
+    pub fn suffix(&self, time: Option<&str>) -> Option<&str> {
+        match self {
+            Placement::Fixed(s) => s.as_deref(),
+            Placement::PerEvent { known, .. } => time.and_then(|t| known.get(t)).map(String::as_str),
+        }
+    }
+
+    /// Which time of an event places it; None when one suffix serves the whole batch.
+    pub fn time_of(&self) -> Option<&TimeOf> {
+        match self {
+            Placement::Fixed(_) => None,
+            Placement::PerEvent { time, .. } => Some(time),
+        }
+    }
+}
+
+/// to_char of each time, in order; raises when one is not a time.
+fn format_times(times: &[String], format: &str) -> Result<Vec<String>, SqlError> {
+    let suffixes: Option<Vec<Option<String>>> = crate::spi::value(
+        "SELECT array_agg(to_char(t::timestamptz, $2) ORDER BY n) FROM unnest($1::text[]) WITH ORDINALITY u(t, n)",
+        &[times.to_vec().into(), format.into()],
+    );
+    Ok(suffixes.unwrap_or_default().into_iter().map(Option::unwrap_or_default).collect())
+}

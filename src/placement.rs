@@ -1,0 +1,169 @@
+//! Where in time an event goes: which time picks its partition (`part_mode`, `part_field`) and
+//! the period a partition covers (`period`, `dateformat`). Pure Rust: the times themselves are
+//! formatted by PostgreSQL's `to_char`, in the source's time zone, as the original did for the
+//! batch time.
+
+use crate::config::Word;
+
+/// Which time picks an event's partition (londiste dispatch's `part_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartMode {
+    /// The batch's end time, computed on the source: one partition per batch (the original's).
+    BatchTime,
+    /// Each event's ev_time: when the row changed on the source.
+    EventTime,
+    /// A date / timestamp / timestamptz column of the row, named by part_field.
+    DateField,
+    /// When the target writes the batch (the batch transaction's now()).
+    CurrentTime,
+}
+
+impl Word for PartMode {
+    const ALL: &'static [Self] =
+        &[PartMode::BatchTime, PartMode::EventTime, PartMode::DateField, PartMode::CurrentTime];
+    fn as_str(self) -> &'static str {
+        match self {
+            PartMode::BatchTime => "batch_time",
+            PartMode::EventTime => "event_time",
+            PartMode::DateField => "date_field",
+            PartMode::CurrentTime => "current_time",
+        }
+    }
+}
+
+impl PartMode {
+    /// Whether the events of one batch may go to different partitions.
+    pub fn per_event(self) -> bool {
+        matches!(self, PartMode::EventTime | PartMode::DateField)
+    }
+
+    /// Whether the events are read with their ev_time.
+    pub fn reads_event_time(self) -> bool {
+        self == PartMode::EventTime
+    }
+}
+
+/// What one partition covers (londiste dispatch's `period`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Period {
+    Hour,
+    Day,
+    Month,
+    Year,
+}
+
+impl Word for Period {
+    const ALL: &'static [Self] = &[Period::Hour, Period::Day, Period::Month, Period::Year];
+    fn as_str(self) -> &'static str {
+        match self {
+            Period::Hour => "hour",
+            Period::Day => "day",
+            Period::Month => "month",
+            Period::Year => "year",
+        }
+    }
+}
+
+impl Period {
+    /// The partition suffix format when dateformat is not set.
+    pub fn dateformat(self) -> &'static str {
+        match self {
+            Period::Hour => "YYYY_MM_DD_HH24",
+            Period::Day => "YYYY_MM_DD",
+            Period::Month => "YYYY_MM",
+            Period::Year => "YYYY",
+        }
+    }
+
+    /// The period a dateformat stands for, when it is one of the four above.
+    pub fn of_dateformat(format: &str) -> Option<Period> {
+        Period::ALL.iter().copied().find(|p| p.dateformat() == format)
+    }
+}
+
+/// The `dateformat` option: the to_char() format of the partition suffix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DateFormat {
+    /// Not set: the period's format (YYYY_MM_DD for the default, day).
+    FromPeriod,
+    /// Set to '': no partitions, rows go into the table the event names.
+    Off,
+    Format(String),
+}
+
+/// `part_field`: the column whose time picks the partition, one for every table (`created_at`)
+/// or per table (`public.orders:ordered_at; shipped_at`); an entry without a `schema.table:`
+/// prefix applies to every table not listed, a table without a schema is in `public`. Names are
+/// as logutriga writes them (unquoted, exact case).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartField {
+    pub text: String,
+    any_table: Option<String>,
+    tables: Vec<(String, String, String)>,
+}
+
+impl PartField {
+    pub fn parse(text: &str) -> Result<PartField, &'static str> {
+        let mut any_table = None;
+        let mut tables = Vec::new();
+        for entry in text.split(';').map(str::trim).filter(|e| !e.is_empty()) {
+            match entry.split_once(':') {
+                None if any_table.is_some() => return Err("more than one entry without a table"),
+                None => any_table = Some(entry.to_string()),
+                Some((table, column)) => {
+                    let (table, column) = (table.trim(), column.trim());
+                    let (schema, table) = table.split_once('.').unwrap_or(("public", table));
+                    if schema.is_empty() || table.is_empty() || column.is_empty() {
+                        return Err("expected column, or entries schema.table:column separated by ';'");
+                    }
+                    if tables.iter().any(|(s, t, _)| s == schema && t == table) {
+                        return Err("a table is listed twice");
+                    }
+                    tables.push((schema.to_string(), table.to_string(), column.to_string()));
+                }
+            }
+        }
+        if any_table.is_none() && tables.is_empty() {
+            return Err("expected a column name");
+        }
+        Ok(PartField { text: text.to_string(), any_table, tables })
+    }
+
+    /// The column that places rows of `schema.table`, if any.
+    pub fn column_for(&self, schema: &str, table: &str) -> Option<&str> {
+        self.tables
+            .iter()
+            .find(|(s, t, _)| s == schema && t == table)
+            .map(|(_, _, c)| c.as_str())
+            .or(self.any_table.as_deref())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn periods_and_their_formats() {
+        for p in Period::ALL {
+            assert_eq!(Period::of_dateformat(p.dateformat()), Some(*p));
+        }
+        assert_eq!(Period::of_dateformat("YYYYMMDD"), None);
+        assert!(PartMode::EventTime.per_event() && PartMode::DateField.per_event());
+        assert!(!PartMode::BatchTime.per_event() && !PartMode::CurrentTime.per_event());
+    }
+
+    #[test]
+    fn part_field_per_table() {
+        let f = PartField::parse("public.orders:ordered_at; Sales.Lines : Shipped At ; created").unwrap();
+        assert_eq!(f.column_for("public", "orders"), Some("ordered_at"));
+        assert_eq!(f.column_for("Sales", "Lines"), Some("Shipped At"));
+        assert_eq!(f.column_for("public", "items"), Some("created"));
+        let f = PartField::parse("items:d").unwrap();
+        assert_eq!((f.column_for("public", "items"), f.column_for("public", "orders")), (Some("d"), None));
+        assert_eq!(PartField::parse("day").unwrap().column_for("any", "table"), Some("day"));
+        for bad in ["", " ; ", "a;b", "t:", ":c", "s.:c", "t:a;t:b", "public.t:a;t:b"] {
+            assert!(PartField::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+}

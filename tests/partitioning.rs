@@ -1,0 +1,273 @@
+//! part_mode, part_field and period: which partition each row goes to. The expected partition of
+//! a row is computed by the test with PostgreSQL's to_char on the source (the documented rule:
+//! the source's time zone), never from what the worker wrote.
+// `cargo pgrx test` builds every test target with feature pg_test: these run in the e2e layer only.
+#![cfg(not(feature = "pg_test"))]
+mod common;
+use common::Cluster;
+use std::collections::BTreeMap;
+
+/// Partition -> its rows (id, `column`), for every table of the target named `<parent>_...`.
+fn partitions_by(c: &Cluster, parent: &str, column: &str) -> BTreeMap<String, Vec<(String, String)>> {
+    let names = c.query(
+        "target",
+        &format!(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename LIKE '{parent}\\_%' ORDER BY 1"
+        ),
+    );
+    let mut out = BTreeMap::new();
+    for n in names {
+        let name = n[0].clone().unwrap();
+        let rows = c
+            .query("target", &format!("SELECT id::text, {column}::text FROM {name} ORDER BY id"))
+            .into_iter()
+            .map(|r| (r[0].clone().unwrap(), r[1].clone().unwrap_or_default()))
+            .collect();
+        out.insert(name, rows);
+    }
+    out
+}
+
+fn partitions(c: &Cluster, parent: &str) -> BTreeMap<String, Vec<(String, String)>> {
+    partitions_by(c, parent, "txt")
+}
+
+/// The partition of `time` (an SQL expression) under `fmt`, by the rule: to_char on the source.
+fn on_source(c: &Cluster, parent: &str, time: &str, fmt: &str) -> String {
+    format!("{parent}_{}", c.value("source", &format!("SELECT to_char({time}, '{fmt}')")).unwrap())
+}
+
+fn expect(list: &[(String, &str, &str)]) -> BTreeMap<String, Vec<(String, String)>> {
+    let mut m: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+    for (part, id, txt) in list {
+        m.entry(part.clone()).or_default().push((id.to_string(), txt.to_string()));
+    }
+    for rows in m.values_mut() {
+        rows.sort_by_key(|(id, _)| id.parse::<i64>().unwrap());
+    }
+    m
+}
+
+/// date_field, daily by a date column and hourly by a timestamptz column, rows years apart; the
+/// source's time zone (Asia/Kolkata, +05:30) decides, not the target's.
+#[test]
+fn date_field_places_rows_by_their_own_time_in_the_source_time_zone() {
+    let c = Cluster::start();
+    c.exec("postgres", "ALTER DATABASE source SET TimeZone = 'Asia/Kolkata'");
+    c.exec("postgres", "ALTER DATABASE target SET TimeZone = 'America/New_York'");
+    c.feed(
+        "q",
+        "orders",
+        "CREATE TABLE orders (id int PRIMARY KEY, txt text, d timestamptz, day date)",
+        "CREATE TABLE orders (id int PRIMARY KEY, txt text, d timestamptz, day date)",
+    );
+    c.start_job("daily", "q", &[("part_mode", "date_field"), ("part_field", "day")]);
+    c.start_job("hourly", "q", &[("part_mode", "date_field"), ("part_field", "public.orders:d"), ("period", "hour")]);
+    let rows = [
+        (1, "2019-03-05 20:00:00+00", "2019-03-05"),
+        (2, "2023-07-01 00:10:00+00", "2023-07-01"),
+        (3, "2026-12-01 23:59:00+00", "2026-12-01"),
+        (4, "2026-12-01 18:29:59+00", "2026-12-01"),
+    ];
+    for (id, d, day) in rows {
+        c.source_sql(&format!("INSERT INTO orders VALUES ({id}, 'v{id}', '{d}', '{day}')"));
+    }
+    // keep_latest: an update that moves a row to another partition, a delete
+    c.source_sql("UPDATE orders SET txt = 'moved', d = '2024-01-01 12:00:00+00', day = '2024-01-01' WHERE id = 1");
+    c.source_sql("DELETE FROM orders WHERE id = 2");
+    c.tick("q");
+    c.wait_caught_up("q", "daily");
+    c.wait_caught_up("q", "hourly");
+
+    let hourly = |id: &'static str, d: &str, txt: &'static str| {
+        (on_source(&c, "orders", &format!("timestamptz '{d}'"), "YYYY_MM_DD_HH24"), id, txt)
+    };
+    let daily = |id: &'static str, day: &str, txt: &'static str| (format!("orders_{}", day.replace('-', "_")), id, txt);
+    let ids = ["1", "2", "3", "4"];
+    let mut want = vec![
+        // the update's new version goes to the new partition; the old one stays where it was
+        hourly(ids[0], rows[0].1, "v1"),
+        hourly(ids[0], "2024-01-01 12:00:00+00", "moved"),
+        hourly(ids[2], rows[2].1, "v3"),
+        hourly(ids[3], rows[3].1, "v4"),
+        daily(ids[0], rows[0].2, "v1"),
+        daily(ids[0], "2024-01-01", "moved"),
+        daily(ids[2], rows[2].2, "v3"),
+        daily(ids[3], rows[3].2, "v4"),
+    ];
+    // the delete emptied row 2's partitions (created by its insert in the same batch)
+    want.push(hourly(ids[1], rows[1].1, "gone"));
+    want.push(daily(ids[1], rows[1].2, "gone"));
+    let mut want = expect(&want);
+    for rows in want.values_mut() {
+        rows.retain(|(_, txt)| txt != "gone");
+    }
+    assert_eq!(partitions(&c, "orders"), want);
+    // spelled out: 20:00 UTC is 01:30 the next day in Kolkata; 18:29:59 UTC is 23:59:59 there
+    assert!(want.contains_key("orders_2019_03_06_01") && want.contains_key("orders_2026_12_01_23"), "{want:?}");
+    assert!(want.contains_key("orders_2026_12_02_05"), "{want:?}");
+}
+
+/// event_time places each event by its ev_time (here set years apart with pgq.insert_event_raw);
+/// current_time by when the target writes it.
+#[test]
+fn event_time_and_current_time() {
+    let c = Cluster::start();
+    c.feed("q", "orders", "CREATE TABLE orders (id int, txt text)", "CREATE TABLE orders (id int, txt text)");
+    c.start_job("by_event", "q", &[("mode", "keep_all"), ("part_mode", "event_time"), ("period", "month")]);
+    c.start_job("now", "q", &[("mode", "keep_all"), ("part_mode", "current_time"), ("period", "year")]);
+    let times = ["2001-02-03 04:05:06+00", "2015-06-30 23:00:00+00", "2015-06-01 00:00:00+00"];
+    for (i, t) in times.iter().enumerate() {
+        c.source_sql(&format!(
+            "SELECT pgq.insert_event_raw('q', NULL, '{t}', NULL, NULL, 'I:id', 'id={i}&txt=old{i}', 'public.orders', NULL, NULL, NULL)"
+        ));
+    }
+    c.source_sql("INSERT INTO orders VALUES (9, 'today')");
+    c.tick("q");
+    c.wait_caught_up("q", "by_event");
+    c.wait_caught_up("q", "now");
+    let month = |t: &str| on_source(&c, "orders", &format!("timestamptz '{t}'"), "YYYY_MM");
+    let this_year = on_source(&c, "orders", "now()", "YYYY");
+    let this_month = on_source(&c, "orders", "now()", "YYYY_MM");
+    let want = expect(&[
+        (month(times[0]), "0", "old0"),
+        (month(times[1]), "1", "old1"),
+        (month(times[2]), "2", "old2"),
+        (this_month, "9", "today"),
+        (this_year.clone(), "0", "old0"),
+        (this_year.clone(), "1", "old1"),
+        (this_year.clone(), "2", "old2"),
+        (this_year, "9", "today"),
+    ]);
+    assert_eq!(partitions(&c, "orders"), want);
+}
+
+/// A row that part_field cannot place: retried with an error that names job, batch, event, table
+/// and column (nothing of the batch written), then, with on_error = dead_letter, parked with its
+/// reason while the rest is written; a parked event keeps its partition for the replay.
+#[test]
+fn a_row_part_field_cannot_place_is_a_clear_error_or_a_dead_letter() {
+    let c = Cluster::start();
+    c.feed(
+        "q",
+        "orders",
+        "CREATE TABLE orders (id int PRIMARY KEY, d text)",
+        "CREATE TABLE orders (id int PRIMARY KEY, d text)",
+    );
+    c.source_sql("CREATE TABLE items (id int PRIMARY KEY, d text)");
+    c.add_logutriga("items", "q");
+    c.target_sql("CREATE TABLE items (id int PRIMARY KEY, d text)");
+    let opts = [("part_mode", "date_field"), ("part_field", "public.orders:d")];
+    c.start_job("pf", "q", &opts);
+    c.source_sql("INSERT INTO orders VALUES (1, '2020-01-01'), (2, NULL)");
+    c.tick("q");
+    c.wait_status("pf", "last_error", |e| e.is_some_and(|e| e.contains("is NULL")));
+    let err = c.status("pf", "last_error").unwrap();
+    assert!(err.contains("batch ") && err.contains("table public.orders: part_field column \"d\" is NULL"), "{err}");
+    assert!(err.contains("event "), "{err}");
+    assert!(c.log().contains("cube_dispatcher job pf: batch "), "the log line names the job");
+    assert_eq!(partitions_by(&c, "orders", "d"), BTreeMap::new(), "nothing of the failing batch is written");
+
+    // dead letters: the good row goes on, the others are parked with their reason
+    c.configure("pf", &[("on_error", "dead_letter"), ("part_template", "")]);
+    c.target_sql("CREATE TABLE orders_2020_01_01 (LIKE orders)");
+    c.exec("target", "SELECT cube_dispatcher.reload('pf')");
+    c.source_sql("INSERT INTO orders VALUES (3, 'soon'); INSERT INTO items VALUES (1, '2020-01-01');");
+    c.source_sql("INSERT INTO orders VALUES (4, '2021-05-05 10:00')");
+    c.tick("q");
+    c.wait_caught_up("q", "pf");
+    assert_eq!(partitions_by(&c, "orders", "d"), expect(&[("orders_2020_01_01".into(), "1", "2020-01-01")]));
+    let letters = c.query("target", "SELECT ev_data, suffix, error FROM cube_dispatcher.dead_letter ORDER BY ev_id");
+    let errors: Vec<(String, Option<String>, String)> =
+        letters.into_iter().map(|r| (r[0].clone().unwrap(), r[1].clone(), r[2].clone().unwrap())).collect();
+    assert_eq!(errors.len(), 4, "{errors:?}");
+    assert!(errors[0].2.contains("part_field column \"d\" is NULL") && errors[0].1.is_none(), "{errors:?}");
+    assert!(
+        errors[1].2.contains(
+            "part_field column \"d\" \"soon\" is not a time: invalid input syntax for type timestamp with time zone"
+        ),
+        "{errors:?}"
+    );
+    assert!(
+        errors[2].2.contains("table public.items: part_field names no column for table public.items"),
+        "{errors:?}"
+    );
+    assert!(errors[3].2.contains("orders_2021_05_05 does not exist and part_template is empty"), "{errors:?}");
+    assert_eq!(errors[3].1.as_deref(), Some("2021_05_05"), "a parked event keeps the partition it was given");
+
+    // the DBA makes the partition; the replay writes the row there
+    c.target_sql("CREATE TABLE orders_2021_05_05 (LIKE orders)");
+    assert_eq!(c.value("target", "SELECT cube_dispatcher.replay_dead_letters('pf')").as_deref(), Some("1"));
+    assert_eq!(c.query("target", "SELECT id::text FROM orders_2021_05_05"), vec![vec![Some("4".to_string())]]);
+    assert_eq!(c.count("target", "cube_dispatcher.dead_letter"), 3);
+}
+
+/// pre_part and post_part run around the creation of each new partition, in its transaction,
+/// with the template's words; a failing one leaves no partition and the batch is retried.
+#[test]
+fn pre_part_and_post_part_run_around_each_new_partition() {
+    let c = Cluster::start();
+    c.feed(
+        "q",
+        "orders",
+        "CREATE TABLE orders (id int PRIMARY KEY, txt text)",
+        "CREATE TABLE orders (id int PRIMARY KEY, txt text)",
+    );
+    c.target_sql("CREATE TABLE part_log (n serial, step text, tbl text, parent text)");
+    c.start_job(
+        "h",
+        "q",
+        &[
+            ("part_mode", "event_time"),
+            ("pre_part", "INSERT INTO public.part_log (step, tbl, parent) VALUES ('pre', '_DEST_TABLE', '_PARENT')"),
+            (
+                "post_part",
+                "INSERT INTO public.part_log (step, tbl, parent) VALUES ('post', '_DEST_TABLE', '_PARENT');
+                 CREATE INDEX _SCHEMA_TABLE_txt ON _DEST_TABLE (txt)",
+            ),
+        ],
+    );
+    for (i, t) in ["2001-02-03 12:00:00+00", "2001-02-03 13:00:00+00", "2002-02-03 12:00:00+00"].iter().enumerate() {
+        c.source_sql(&format!(
+            "SELECT pgq.insert_event_raw('q', NULL, '{t}', NULL, NULL, 'I:id', 'id={i}&txt=t{i}', 'public.orders', NULL, NULL, NULL)"
+        ));
+    }
+    c.tick("q");
+    c.wait_caught_up("q", "h");
+    let day = |t: &str| on_source(&c, "public.orders", &format!("timestamptz '{t}'"), "YYYY_MM_DD");
+    let (a, b) = (day("2001-02-03 12:00:00+00"), day("2002-02-03 12:00:00+00"));
+    let log = c.query("target", "SELECT step, tbl, parent FROM part_log ORDER BY n");
+    let row = |s: &str, t: &str| vec![Some(s.to_string()), Some(t.to_string()), Some("public.orders".to_string())];
+    assert_eq!(
+        log,
+        vec![row("pre", &a), row("post", &a), row("pre", &b), row("post", &b)],
+        "once per new partition, in order"
+    );
+    for p in [&a, &b] {
+        let index = p.replace('.', "_") + "_txt";
+        assert_eq!(
+            c.value(
+                "target",
+                &format!(
+                    "SELECT indrelid::regclass::text FROM pg_index WHERE indexrelid = to_regclass('public.{index}')"
+                )
+            )
+            .as_deref(),
+            Some(p.trim_start_matches("public."))
+        );
+    }
+
+    // a hook that fails: no partition, the batch is retried with the step named
+    c.configure("h", &[("post_part", "SELECT 1/0")]);
+    c.exec("target", "SELECT cube_dispatcher.reload('h')");
+    c.source_sql(
+        "SELECT pgq.insert_event_raw('q', NULL, '2003-01-01 12:00:00+00', NULL, NULL, 'I:id', 'id=9&txt=x', 'public.orders', NULL, NULL, NULL)",
+    );
+    c.tick("q");
+    c.wait_status("h", "last_error", |e| e.is_some_and(|e| e.contains("post_part")));
+    let err = c.status("h", "last_error").unwrap();
+    let new = day("2003-01-01 12:00:00+00");
+    assert!(err.contains(&format!("creating partition {new} failed: post_part: division by zero")), "{err}");
+    assert_eq!(c.value("target", &format!("SELECT to_regclass('{new}')::text")), None, "the partition is rolled back");
+    assert_eq!(c.count("target", "part_log"), 4, "the pre_part of the failed attempt is rolled back too");
+}
