@@ -72,7 +72,9 @@ mod tests {
             ev(5, "I:id", "id=3&txt=&n", "public.orders"),
         ];
         w.apply(&events).unwrap();
-        assert_eq!(w.created, vec!["public.orders_2026_11_24".to_string()]);
+        let created: Vec<_> =
+            w.created.iter().map(|p| (p.parent.as_str(), p.partition.as_str(), p.suffix.as_str())).collect();
+        assert_eq!(created, vec![("public.orders", "public.orders_2026_11_24", "2026_11_24")]);
         assert_eq!(
             rows("SELECT id || ':' || coalesce(txt, 'NULL') || ':' || coalesce(n::text, 'NULL') FROM orders_2026_11_24 ORDER BY id"),
             vec!["1:b c:1.5", "3::NULL"]
@@ -109,7 +111,9 @@ mod tests {
         );
         let mut w = BatchWriter::new(&cfg, me(), Placement::Fixed(Some("2026_11".into())));
         w.apply(&[ev(1, "I:Id,line", "Id=1&line=2", "Sales.Order Lines")]).unwrap();
-        assert_eq!(w.created, vec![r#""Sales"."Order Lines_2026_11""#.to_string()]);
+        let created: Vec<_> =
+            w.created.iter().map(|p| (p.parent.as_str(), p.partition.as_str(), p.suffix.as_str())).collect();
+        assert_eq!(created, vec![(r#""Sales"."Order Lines""#, r#""Sales"."Order Lines_2026_11""#, "2026_11")]);
         assert_eq!(
             rows(
                 r#"SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = '"Sales"."Order Lines_2026_11"'::regclass"#

@@ -46,6 +46,26 @@ ALTER TABLE cube_dispatcher.job
     ALTER COLUMN options SET NOT NULL,
     ADD CONSTRAINT job_options_check CHECK (jsonb_typeof(options) = 'object');
 
+-- ignore_old_events counts what it skips.
+ALTER TABLE cube_dispatcher.job_state ADD COLUMN old_events_skipped bigint NOT NULL DEFAULT 0;
+
+-- The partitions each job creates from now on, for retention_period.
+CREATE TABLE cube_dispatcher.partition (
+    job_name        text NOT NULL REFERENCES cube_dispatcher.job ON DELETE CASCADE,
+    parent          text NOT NULL,
+    partition       text NOT NULL,
+    suffix          text NOT NULL,
+    period_start    timestamptz,
+    period_end      timestamptz,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (job_name, partition)
+);
+CREATE VIEW cube_dispatcher.partitions AS
+SELECT job_name, parent, partition, period_start, period_end, created_at,
+       to_regclass(partition) IS NOT NULL AS present
+FROM cube_dispatcher.partition;
+REVOKE ALL ON cube_dispatcher.partition, cube_dispatcher.partitions FROM PUBLIC;
+
 -- Replaced, not dropped: the columns stay the same (one is added at the end), and so do the
 -- grants a DBA made on the view.
 CREATE OR REPLACE VIEW cube_dispatcher.status AS
@@ -71,7 +91,8 @@ SELECT j.job_name,
        s.last_error_at,
        (SELECT count(*) FROM cube_dispatcher.dead_letter d WHERE d.job_name = j.job_name) AS dead_letters,
        j.options->>'on_error' AS on_error,
-       cube_dispatcher.shown_options(j.options, pg_has_role(current_user, j.run_as, 'MEMBER')) AS options
+       cube_dispatcher.shown_options(j.options, pg_has_role(current_user, j.run_as, 'MEMBER')) AS options,
+       s.old_events_skipped
 FROM cube_dispatcher.job j
 LEFT JOIN cube_dispatcher.job_state s USING (job_name);
 

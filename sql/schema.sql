@@ -26,7 +26,8 @@ CREATE TABLE cube_dispatcher.job_state (
     started_at      timestamptz,
     last_error      text,
     last_error_at   timestamptz,
-    updated_at      timestamptz
+    updated_at      timestamptz,
+    old_events_skipped bigint NOT NULL DEFAULT 0  -- ignore_old_events: events for partitions past retention
 );
 
 -- Events a job with on_error = dead_letter could not write, kept with the reason, in the same
@@ -45,6 +46,24 @@ CREATE TABLE cube_dispatcher.dead_letter (
     failed_at   timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX ON cube_dispatcher.dead_letter (job_name, ev_id);
+
+-- The partitions each job created, with the period each covers: what retention_period may drop
+-- (besides the Python tool's tables of the same names). A row goes when its table is dropped.
+CREATE TABLE cube_dispatcher.partition (
+    job_name        text NOT NULL REFERENCES cube_dispatcher.job ON DELETE CASCADE,
+    parent          text NOT NULL,          -- schema-qualified, quoted as identifiers
+    partition       text NOT NULL,          -- likewise
+    suffix          text NOT NULL,
+    period_start    timestamptz,            -- NULL when the job's period is not known
+    period_end      timestamptz,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (job_name, partition)
+);
+
+CREATE VIEW cube_dispatcher.partitions AS
+SELECT job_name, parent, partition, period_start, period_end, created_at,
+       to_regclass(partition) IS NOT NULL AS present
+FROM cube_dispatcher.partition;
 
 CREATE VIEW cube_dispatcher.status AS
 SELECT j.job_name,
@@ -69,8 +88,10 @@ SELECT j.job_name,
        s.last_error_at,
        (SELECT count(*) FROM cube_dispatcher.dead_letter d WHERE d.job_name = j.job_name) AS dead_letters,
        j.options->>'on_error' AS on_error,
-       cube_dispatcher.shown_options(j.options, pg_has_role(current_user, j.run_as, 'MEMBER')) AS options
+       cube_dispatcher.shown_options(j.options, pg_has_role(current_user, j.run_as, 'MEMBER')) AS options,
+       s.old_events_skipped
 FROM cube_dispatcher.job j
 LEFT JOIN cube_dispatcher.job_state s USING (job_name);
 
-REVOKE ALL ON cube_dispatcher.job, cube_dispatcher.job_state, cube_dispatcher.dead_letter FROM PUBLIC;
+REVOKE ALL ON cube_dispatcher.job, cube_dispatcher.job_state, cube_dispatcher.dead_letter,
+    cube_dispatcher.partition, cube_dispatcher.partitions FROM PUBLIC;

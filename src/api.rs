@@ -317,7 +317,7 @@ fn replay(job: &str) -> Result<i64, ApiError> {
     let mut written = 0;
     let mut time_zone = None;
     for (id, suffix, ev) in letters {
-        let source_time_zone = || {
+        let mut source_time_zone = || {
             time_zone
                 .get_or_insert_with(|| {
                     let mut source = Source::new(row.run_as, &row.config.src_db, Duration::from_secs(60));
@@ -327,10 +327,14 @@ fn replay(job: &str) -> Result<i64, ApiError> {
                 })
                 .clone()
         };
-        let placement = Placement::for_replay(&row.config, suffix, source_time_zone);
+        let placement = Placement::for_replay(&row.config, suffix, &mut source_time_zone);
         let mut writer = BatchWriter::new(&row.config, row.run_as, placement);
         match writer.apply_isolated(&ev) {
             Ok(()) => {
+                for p in &writer.created {
+                    crate::part_time::take_on_time_zone(&source_time_zone());
+                    state::record_partition(&row.config, p);
+                }
                 crate::spi::run("DELETE FROM cube_dispatcher.dead_letter WHERE id = $1", &[id.into()]);
                 written += 1;
             }

@@ -121,7 +121,21 @@ pub struct BatchWriter<'a> {
     /// ev_extra1 -> the part_field column of that table
     last_field: Option<(String, Option<String>)>,
     last_type: Option<(String, Op, Rc<Vec<String>>)>,
-    pub created: Vec<String>,
+    /// partitions created, for the log and the job's list of partitions
+    pub created: Vec<Created>,
+    /// events skipped because their partition is past the retention period (ignore_old_events)
+    pub skipped_old: i64,
+    /// partitions past the retention period, found so (ignore_old_events)
+    expired: std::collections::HashSet<TableName>,
+}
+
+/// A partition the writer created.
+#[derive(Debug, Clone)]
+pub struct Created {
+    /// schema-qualified, quoted
+    pub parent: String,
+    pub partition: String,
+    pub suffix: String,
 }
 
 /// Runs one SQL statement; a PostgreSQL error becomes an Err so the caller can say which events
@@ -142,6 +156,8 @@ impl<'a> BatchWriter<'a> {
             last_field: None,
             last_type: None,
             created: Vec::new(),
+            skipped_old: 0,
+            expired: Default::default(),
         }
     }
 
@@ -155,12 +171,13 @@ impl<'a> BatchWriter<'a> {
 
     /// The partition index for ev_extra1 and the suffix, opening (or creating) the partition on
     /// first sight.
-    fn destination(&mut self, ev: &RawEvent, pkey: &[String], time: Option<&str>) -> Result<usize, ApplyError> {
+    /// None: the event is for a partition past the retention period, and skipped.
+    fn destination(&mut self, ev: &RawEvent, pkey: &[String], time: Option<&str>) -> Result<Option<usize>, ApplyError> {
         let raw = ev.ev_extra1.as_deref();
         let suffix = self.placement.suffix(time);
         if let (Some((last, last_suffix, i)), Some(raw)) = (&self.last_table, raw) {
             if last == raw && last_suffix.as_deref() == suffix {
-                return Ok(*i);
+                return Ok(Some(*i));
             }
         }
         let suffix = suffix.map(str::to_string);
@@ -176,6 +193,11 @@ impl<'a> BatchWriter<'a> {
         let dest = route::partition_of(&parent, suffix.as_deref()).map_err(|e| fail(e.into()))?;
         let i = match self.by_name.get(&dest) {
             Some(&i) => i,
+            None if self.expired.contains(&dest) => return Ok(None),
+            None if self.past_retention(suffix.as_deref()) => {
+                self.expired.insert(dest);
+                return Ok(None);
+            }
             None => {
                 let p = self.open_partition(&dest, &parent, pkey).map_err(|cause| ApplyError::Event {
                     ev_id: ev.ev_id,
@@ -188,7 +210,26 @@ impl<'a> BatchWriter<'a> {
             }
         };
         self.last_table = raw.map(|r| (r.to_string(), suffix, i));
-        Ok(i)
+        Ok(Some(i))
+    }
+
+    /// Whether ignore_old_events applies to a partition of this suffix: its whole period ended
+    /// more than retention_period ago. Asked once per partition and batch.
+    fn past_retention(&self, suffix: Option<&str>) -> bool {
+        let (true, Some(retention), Some(period), Some(format), Some(suffix)) = (
+            self.job.ignore_old_events,
+            &self.job.retention_period,
+            self.job.period(),
+            self.job.suffix_format(),
+            suffix,
+        ) else {
+            return false;
+        };
+        crate::spi::value::<bool>(
+            "SELECT to_timestamp($1, $2) + $3::interval <= now() - $4::interval",
+            &[suffix.into(), format.into(), period.interval().into(), retention.0.as_str().into()],
+        )
+        .unwrap_or(false)
     }
 
     /// The part_field column for the event's table (parsed once per run of one table).
@@ -268,8 +309,10 @@ impl<'a> BatchWriter<'a> {
         let mut changes = Vec::with_capacity(events.len());
         for (i, (ev, (op, pkey, row))) in events.iter().zip(decoded).enumerate() {
             let time = times.get(i).and_then(|t| t.as_deref());
-            let dest = self.destination(ev, &pkey, time)?;
-            changes.push(Change { ev_id: ev.ev_id, op, dest, pkey, row });
+            match self.destination(ev, &pkey, time)? {
+                Some(dest) => changes.push(Change { ev_id: ev.ev_id, op, dest, pkey, row }),
+                None => self.skipped_old += 1,
+            }
         }
         Ok(changes)
     }
@@ -425,13 +468,19 @@ impl<'a> BatchWriter<'a> {
         if events.is_empty() || events.iter().any(|e| e.ev_extra1.as_deref() != Some(open.table.as_str())) {
             return None;
         }
-        let changes = self.changes(events).ok()?;
+        let skipped_before = self.skipped_old;
+        let Ok(changes) = self.changes(events) else {
+            self.skipped_old = skipped_before;
+            return None;
+        };
         let same = |ch: &Change| {
             ch.dest == open.dest
                 && ch.row.len() == open.columns.len()
                 && ch.row.iter().zip(&open.columns).all(|((c, _), o)| c == o)
         };
         if !changes.iter().all(same) {
+            // the chunk goes the ordinary way, and is counted there
+            self.skipped_old = skipped_before;
             return None;
         }
         push_rows(out, changes.iter().map(|c| &c.row));
@@ -504,7 +553,11 @@ impl<'a> BatchWriter<'a> {
                         cause,
                     })?;
                 }
-                self.created.push(qualified.clone());
+                self.created.push(Created {
+                    parent: route::qualified(parent, &quote_ident),
+                    partition: qualified.clone(),
+                    suffix: dest.table.strip_prefix(&format!("{}_", parent.table)).unwrap_or_default().to_string(),
+                });
             }
         }
         let oid = relid(&qualified)?.ok_or_else(|| EventError::NoPartition(qualified.clone()))?;

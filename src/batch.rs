@@ -3,6 +3,7 @@
 //! pace the last failure asked for, park what could not be written, record the batch in the same
 //! transaction, and only after that has committed, finish it on the source.
 
+use crate::apply::Created;
 use crate::apply::{ApplyError, BatchWriter, Written};
 use crate::config::{JobConfig, OnError};
 use crate::event::Chunks;
@@ -121,11 +122,13 @@ pub struct Done {
     /// events set aside in cube_dispatcher.dead_letter
     pub parked: usize,
     /// partitions created for it
-    pub created: Vec<String>,
+    pub created: Vec<Created>,
     /// it had been written and committed here before, but the source had not heard
     pub already_written: bool,
     pub took: Duration,
     pub phases: Phases,
+    /// the source's TimeZone, as the batch reported it
+    pub time_zone: Option<String>,
 }
 
 /// Takes the next batch and does it; None when the queue has no batch ready.
@@ -155,7 +158,10 @@ pub fn run(
             let suffix = writer.suffix_of(ev);
             state::dead_letter(&cfg.job_name, info.batch_id, suffix.as_deref(), ev, &why.to_string());
         }
-        state::record_batch(&cfg.job_name, &info, written.events, recent_eps);
+        for p in &writer.created {
+            state::record_partition(cfg, p);
+        }
+        state::record_batch(&cfg.job_name, &info, written.events, writer.skipped_old, recent_eps);
         Ok(Some((info, Some((written, std::mem::take(&mut writer.created), Instant::now())))))
     })
     .map_err(|e: BatchError| e.in_batch(batch_id))?;
@@ -179,6 +185,7 @@ pub fn run(
         already_written,
         took: started.elapsed(),
         phases,
+        time_zone: Some(info.time_zone.clone()),
     }))
 }
 

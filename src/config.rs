@@ -6,7 +6,7 @@
 //! resulting strings, so it is tested without a server.
 
 use crate::mode::Mode;
-use crate::placement::{DateFormat, PartField, PartMode, Period};
+use crate::placement::{DateFormat, PartField, PartMode, Period, Retention};
 use std::collections::BTreeMap;
 use thiserror::Error;
 
@@ -195,6 +195,35 @@ impl<T: Word> Kind<Option<T>> for MaybeWords {
     }
 }
 
+/// retention_period: an interval; unset or empty: keep everything.
+struct Retentions;
+impl Kind<Option<Retention>> for Retentions {
+    fn parse(text: Option<&str>, _: &Context) -> Result<Option<Retention>, String> {
+        match text {
+            Some(t) if !t.trim().is_empty() => Retention::parse(t).map(Some).map_err(str::to_string),
+            _ => Ok(None),
+        }
+    }
+    fn text(value: &Option<Retention>) -> Option<String> {
+        value.as_ref().map(|r| r.0.clone())
+    }
+}
+
+/// A boolean, in PostgreSQL's spellings (and londiste's 0/1).
+struct Bool;
+impl Kind<bool> for Bool {
+    fn parse(text: Option<&str>, _: &Context) -> Result<bool, String> {
+        match text.unwrap_or_default().trim().to_ascii_lowercase().as_str() {
+            "on" | "true" | "yes" | "1" => Ok(true),
+            "off" | "false" | "no" | "0" => Ok(false),
+            _ => Err("expected on or off".into()),
+        }
+    }
+    fn text(value: &bool) -> Option<String> {
+        Some(if *value { "on" } else { "off" }.into())
+    }
+}
+
 /// part_field: a column, or one per table.
 struct PartFields;
 impl Kind<Option<PartField>> for PartFields {
@@ -325,6 +354,10 @@ options! {
         "which time places a row: batch_time, event_time, date_field or current_time";
     part_field: Option<PartField>, PartFields, Unset::Means("unset"), NextBatch,
         "date_field: the column whose time places a row, or per table: schema.table:column;...";
+    retention_period: Option<Retention>, Retentions, Unset::Means("unset: keep everything"), NextBatch,
+        "how long a partition is kept after its period ended, e.g. 90 days; older ones are dropped";
+    ignore_old_events: bool, Bool, Unset::Value("off"), NextBatch,
+        "skip (and count) events for partitions already past retention_period";
     part_template: Option<String>, Optional, Unset::Means("see below"), NextBatch,
         "SQL that creates a missing partition; empty: a missing partition is an error";
     pre_part: Option<String>, Optional, Unset::Means("unset"), NextBatch,
@@ -541,7 +574,29 @@ impl JobConfig {
         if self.dateformat == DateFormat::FromPeriod {
             self.dateformat = DateFormat::Format(self.period.unwrap_or(Period::Day).dateformat().to_string());
         }
+        if let Some(r) = &self.retention_period {
+            if self.period().is_none() {
+                return Err(ConfigError::Invalid {
+                    guc: lookup("retention_period").place,
+                    value: r.0.clone(),
+                    why: "retention needs to know what a partition covers: set period (or a dateformat of an hour, day, month or year)".into(),
+                });
+            }
+        }
+        if self.ignore_old_events && self.retention_period.is_none() {
+            return Err(ConfigError::Needed {
+                guc: lookup("retention_period").place,
+                why: "ignore_old_events skips events older than the retention period",
+            });
+        }
         Ok(())
+    }
+
+    /// What one partition covers, when known: set, or told by a dateformat of the four periods;
+    /// None also when partitioning is off.
+    pub fn period(&self) -> Option<Period> {
+        let format = self.suffix_format()?;
+        self.period.or_else(|| Period::of_dateformat(format))
     }
 
     /// The to_char() format of partition suffixes; None: partitioning is off.
@@ -741,7 +796,25 @@ mod tests {
         );
         let c = cfg(&with(&[("part_mode", "date_field"), ("part_field", "orders:ordered_at; created")])).unwrap();
         assert_eq!(c.part_field.as_ref().and_then(|f| f.column_for("public", "orders")), Some("ordered_at"));
-        for (opt, bad) in [("period", "week"), ("part_mode", "event"), ("part_field", "t:")] {
+        assert_eq!(
+            cfg(&with(&[("dateformat", "YYYYMMDD"), ("retention_period", "90 days")])).unwrap_err().to_string(),
+            "invalid value \"90 days\" for cube_dispatcher.sales.retention_period: retention needs to know what a partition covers: set period (or a dateformat of an hour, day, month or year)"
+        );
+        assert!(cfg(&with(&[("dateformat", "YYYYMMDD"), ("period", "day"), ("retention_period", "90 days")])).is_ok());
+        assert_eq!(
+            cfg(&with(&[("ignore_old_events", "1")])).unwrap_err().to_string(),
+            "cube_dispatcher.sales.retention_period is not set: ignore_old_events skips events older than the retention period"
+        );
+        let c =
+            cfg(&with(&[("ignore_old_events", "on"), ("retention_period", "3 months"), ("period", "month")])).unwrap();
+        assert_eq!((c.ignore_old_events, c.retention_period.map(|r| r.0)), (true, Some("3 months".to_string())));
+        for (opt, bad) in [
+            ("period", "week"),
+            ("part_mode", "event"),
+            ("part_field", "t:"),
+            ("retention_period", "soon"),
+            ("ignore_old_events", "maybe"),
+        ] {
             let err = cfg(&with(&[(opt, bad)])).unwrap_err().to_string();
             assert!(err.starts_with(&format!("invalid value \"{bad}\" for cube_dispatcher.sales.{opt}: ")), "{err}");
         }

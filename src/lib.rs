@@ -18,6 +18,7 @@ mod batch;
 mod gucs;
 mod launcher;
 mod part_time;
+mod retention;
 mod roles;
 mod source;
 mod spi;

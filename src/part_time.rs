@@ -31,7 +31,7 @@ pub struct NotATime {
 
 /// The batch's transaction works in the source's time zone. (Times arrive in ISO style, which
 /// PostgreSQL reads the same under any DateStyle.)
-fn take_on_time_zone(time_zone: &str) {
+pub fn take_on_time_zone(time_zone: &str) {
     crate::spi::run("SELECT set_config('TimeZone', $1, true)", &[time_zone.into()]);
 }
 
@@ -39,12 +39,11 @@ impl Placement {
     /// For a batch, in its transaction.
     pub fn for_batch(cfg: &JobConfig, info: &BatchInfo) -> Placement {
         let Some(format) = cfg.suffix_format() else { return Placement::Fixed(None) };
+        // also for batch_time: templates and the bounds of new partitions see the source's zone
+        take_on_time_zone(&info.time_zone);
         match cfg.part_mode {
             PartMode::BatchTime => Placement::Fixed(info.suffix.clone()),
-            _ => {
-                take_on_time_zone(&info.time_zone);
-                Placement::for_mode(cfg, format.to_string())
-            }
+            _ => Placement::for_mode(cfg, format.to_string()),
         }
     }
 

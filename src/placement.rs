@@ -75,6 +75,16 @@ impl Period {
         }
     }
 
+    /// One period, as an SQL interval.
+    pub fn interval(self) -> &'static str {
+        match self {
+            Period::Hour => "1 hour",
+            Period::Day => "1 day",
+            Period::Month => "1 month",
+            Period::Year => "1 year",
+        }
+    }
+
     /// The period a dateformat stands for, when it is one of the four above.
     pub fn of_dateformat(format: &str) -> Option<Period> {
         Period::ALL.iter().copied().find(|p| p.dateformat() == format)
@@ -139,6 +149,37 @@ impl PartField {
     }
 }
 
+/// `retention_period`: how long partitions are kept after their period ended, as PostgreSQL
+/// reads an interval: one or more `<number> <unit>` (`90 days`, `3 months`, `1 year 6 months`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retention(pub String);
+
+impl Retention {
+    pub fn parse(text: &str) -> Result<Retention, &'static str> {
+        const UNITS: &[&str] = &[
+            "minute", "minutes", "min", "mins", "hour", "hours", "h", "day", "days", "d", "week", "weeks", "w",
+            "month", "months", "mon", "mons", "year", "years", "y",
+        ];
+        let words: Vec<&str> = text.split_whitespace().collect();
+        let pairs = words.chunks(2);
+        let mut any = false;
+        for pair in pairs {
+            let (Some(n), Some(unit)) = (pair.first(), pair.get(1)) else {
+                return Err("expected an interval such as '90 days' or '3 months'");
+            };
+            let n: u32 = n.parse().map_err(|_| "expected an interval such as '90 days' or '3 months'")?;
+            if !UNITS.contains(&unit.to_ascii_lowercase().as_str()) {
+                return Err("expected an interval of minutes, hours, days, weeks, months or years");
+            }
+            any |= n > 0;
+        }
+        if !any {
+            return Err("expected an interval greater than zero, such as '90 days'");
+        }
+        Ok(Retention(text.trim().to_string()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,6 +192,16 @@ mod tests {
         assert_eq!(Period::of_dateformat("YYYYMMDD"), None);
         assert!(PartMode::EventTime.per_event() && PartMode::DateField.per_event());
         assert!(!PartMode::BatchTime.per_event() && !PartMode::CurrentTime.per_event());
+    }
+
+    #[test]
+    fn retention_periods() {
+        for ok in ["90 days", "3 months", "1 year 6 months", "12 HOURS", " 2 weeks "] {
+            assert!(Retention::parse(ok).is_ok(), "{ok:?}");
+        }
+        for bad in ["", "90", "days", "0 days", "-1 day", "1 fortnight", "1 day; drop table x", "1.5 days"] {
+            assert!(Retention::parse(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

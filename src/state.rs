@@ -1,6 +1,7 @@
 //! The extension's own tables: job definitions (written by the SQL API) and job state (written by
 //! the worker). The batch bookkeeping that makes a batch apply exactly once lives here too.
 
+use crate::apply::Created;
 use crate::config::{ConfigError, Context, JobConfig};
 use crate::event::RawEvent;
 use crate::source::BatchInfo;
@@ -120,11 +121,12 @@ pub fn last_tick(job: &str) -> Option<i64> {
 }
 
 /// Runs in the batch's own transaction: the batch is done exactly when its rows are committed.
-pub fn record_batch(job: &str, info: &BatchInfo, events: i64, recent_eps: f64) {
+pub fn record_batch(job: &str, info: &BatchInfo, events: i64, skipped_old: i64, recent_eps: f64) {
     crate::spi::run(
         "UPDATE cube_dispatcher.job_state SET last_tick_id = $2, last_batch_id = $3, last_batch_end = $4::timestamptz,
                 batches_done = batches_done + 1, events_done = events_done + $5, lag = $6::interval,
-                recent_eps = $7, state = 'running', last_batch_at = clock_timestamp(), updated_at = now()
+                recent_eps = $7, state = 'running', last_batch_at = clock_timestamp(), updated_at = now(),
+                old_events_skipped = old_events_skipped + $8
           WHERE job_name = $1",
         &[
             job.into(),
@@ -134,6 +136,38 @@ pub fn record_batch(job: &str, info: &BatchInfo, events: i64, recent_eps: f64) {
             events.into(),
             info.lag.clone().into(),
             recent_eps.into(),
+            skipped_old.into(),
+        ],
+    )
+}
+
+/// Adds a partition the job created to its list, with the period it covers (computed in the
+/// transaction's time zone, the source's), in the transaction that created it.
+pub fn record_partition(cfg: &JobConfig, p: &Created) {
+    let (format, period) = (cfg.suffix_format(), cfg.period().map(|p| p.interval()));
+    // a dateformat the user declared a period for may still not read back: keep it, unbounded
+    let start: Option<String> = match (format, period) {
+        (Some(f), Some(_)) => crate::tx::in_subtransaction(|| {
+            Ok::<_, ()>(crate::spi::value::<String>(
+                "SELECT to_timestamp($1, $2)::text",
+                &[p.suffix.as_str().into(), f.into()],
+            ))
+        })
+        .ok()
+        .flatten(),
+        _ => None,
+    };
+    crate::spi::run(
+        "INSERT INTO cube_dispatcher.partition (job_name, parent, partition, suffix, period_start, period_end)
+         VALUES ($1, $2, $3, $4, $5::timestamptz, $5::timestamptz + $6::interval)
+         ON CONFLICT (job_name, partition) DO NOTHING",
+        &[
+            cfg.job_name.as_str().into(),
+            p.parent.as_str().into(),
+            p.partition.as_str().into(),
+            p.suffix.as_str().into(),
+            start.into(),
+            period.into(),
         ],
     )
 }

@@ -8,6 +8,7 @@
 
 use crate::batch::{self, BatchError, Pace};
 use crate::config::{mask_password, JobConfig, LogLevel, Word};
+use crate::retention;
 use crate::source::Source;
 use crate::state;
 use crate::tx::in_transaction;
@@ -21,6 +22,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// How long a worker that died waits before the postmaster starts it again.
 pub const RESTART_DELAY: Duration = Duration::from_secs(5);
 const THROUGHPUT_LOG_EVERY: Duration = Duration::from_secs(60);
+/// How often retention_period is checked when no partition was created meanwhile.
+const RETENTION_EVERY: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Error)]
 pub enum LaunchError {
@@ -75,6 +78,9 @@ struct Worker {
     window: (Instant, i64, i64),
     last_lag_update: Option<Instant>,
     recent_eps: f64,
+    last_retention: Option<Instant>,
+    /// the source's TimeZone as the last batch reported it
+    source_time_zone: Option<String>,
 }
 
 impl Worker {
@@ -102,8 +108,8 @@ impl Worker {
     }
 
     fn done(&mut self, d: &batch::Done) {
-        for t in &d.created {
-            self.log(LogLevel::Normal, &format!("created partition {t}"));
+        for p in &d.created {
+            self.log(LogLevel::Normal, &format!("created partition {}", p.partition));
         }
         if d.parked > 0 {
             warning!(
@@ -167,6 +173,41 @@ impl Worker {
             });
             self.last_lag_update = Some(Instant::now());
             self.recent_eps = 0.0;
+        }
+    }
+
+    /// Drops partitions past retention_period: after a batch that created partitions, and every
+    /// few minutes. In a transaction of its own, between batches.
+    fn retention(&mut self, created: bool) {
+        if self.config.retention_period.is_none() {
+            return;
+        }
+        if !created && self.last_retention.is_some_and(|t| t.elapsed() < RETENTION_EVERY) {
+            return;
+        }
+        self.last_retention = Some(Instant::now());
+        let (cfg, role, source, known) = (&self.config, self.run_as, &mut self.source, &self.source_time_zone);
+        let pass = in_transaction(|| {
+            let time_zone = known.clone().unwrap_or_else(|| source.time_zone());
+            retention::run(cfg, role, &time_zone)
+        });
+        let retention = cfg.retention_period.as_ref().map(|r| r.0.clone()).unwrap_or_default();
+        match pass {
+            Ok(pass) => {
+                for (table, ended) in &pass.dropped {
+                    self.log(
+                        LogLevel::Normal,
+                        &format!("dropped partition {table}: its period ended at {ended}, more than retention_period ({retention}) ago"),
+                    );
+                }
+                for (table, why) in &pass.failed {
+                    warning!(
+                        "cube_dispatcher job {}: could not drop partition {table}: {why}; trying again later",
+                        self.job
+                    );
+                }
+            }
+            Err(e) => warning!("cube_dispatcher job {}: retention: {e}; trying again later", self.job),
         }
     }
 
@@ -376,6 +417,8 @@ impl Worker {
             window: (Instant::now(), 0, 0),
             last_lag_update: None,
             recent_eps: 0.0,
+            last_retention: None,
+            source_time_zone: None,
         };
         let _ = in_transaction(|| set_lock_timeout(&w.config));
         w.log(
@@ -416,10 +459,13 @@ impl Worker {
             match batch::run(&mut self.source, &self.config, self.run_as, self.pace, self.recent_eps) {
                 Ok(None) => {
                     self.idle();
+                    self.retention(false);
                     wait(Duration::from_secs_f64(self.config.loop_delay));
                 }
                 Ok(Some(done)) => {
                     self.done(&done);
+                    self.source_time_zone = done.time_zone.clone();
+                    self.retention(!done.created.is_empty());
                     pg_sys::check_for_interrupts!();
                     process_config_reload();
                 }

@@ -271,3 +271,82 @@ fn pre_part_and_post_part_run_around_each_new_partition() {
     assert_eq!(c.value("target", &format!("SELECT to_regclass('{new}')::text")), None, "the partition is rolled back");
     assert_eq!(c.count("target", "part_log"), 4, "the pre_part of the failed attempt is rolled back too");
 }
+
+/// retention_period drops exactly the expired partitions of the job: those it made and the
+/// Python tool's of the same names; never the parent, a table whose suffix does not read back,
+/// or another parent's table. ignore_old_events then skips (and counts) rows for them.
+#[test]
+fn retention_drops_exactly_the_expired_partitions_and_old_events_are_skipped() {
+    let c = Cluster::start();
+    let ddl = "CREATE TABLE orders (id int PRIMARY KEY, txt text, day date)";
+    c.feed("q", "orders", ddl, ddl);
+    let today = c.value("source", "SELECT to_char(current_date, 'YYYY_MM_DD')").unwrap();
+    // what was there before: the Python tool's partitions (one expired, one current) and decoys
+    for t in [
+        "orders_2019_01_01".to_string(),
+        format!("orders_{today}"),
+        "orders_2019_01_01_old".into(),
+        "orders_backup".into(),
+        "orders_items".into(),
+        "orders_items_2019_01_01".into(),
+        "orders_2019_13_01".into(),
+    ] {
+        c.target_sql(&format!("CREATE TABLE {t} (LIKE orders)"));
+    }
+    c.start_job("r", "q", &[("part_mode", "date_field"), ("part_field", "day"), ("retention_period", "30 days")]);
+    c.source_sql(
+        "INSERT INTO orders VALUES (1, 'old', '2019-06-01'), (2, 'older', '2020-02-02'), (3, 'now', current_date),
+                                   (4, 'recent', current_date - 10)",
+    );
+    c.tick("q");
+    c.wait_caught_up("q", "r");
+    let recent = c.value("source", "SELECT to_char(current_date - 10, 'YYYY_MM_DD')").unwrap();
+    let tables = || {
+        c.query(
+            "target",
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename LIKE 'orders%' ORDER BY 1",
+        )
+        .into_iter()
+        .map(|r| r[0].clone().unwrap())
+        .collect::<Vec<_>>()
+    };
+    let mut want: Vec<String> = vec![
+        "orders".into(),
+        "orders_2019_01_01_old".into(),
+        "orders_2019_13_01".into(),
+        format!("orders_{recent}"),
+        format!("orders_{today}"),
+        "orders_backup".into(),
+        "orders_items".into(),
+        "orders_items_2019_01_01".into(),
+    ];
+    want.sort();
+    c.wait_until("the expired partitions dropped", std::time::Duration::from_secs(30), || tables() == want);
+    let log = c.log();
+    for dropped in ["public.orders_2019_06_01", "public.orders_2020_02_02", "public.orders_2019_01_01"] {
+        assert!(
+            log.contains(&format!("cube_dispatcher job r: dropped partition {dropped}: its period ended at ")),
+            "{dropped}"
+        );
+    }
+    assert_eq!(
+        c.query("target", "SELECT partition, present::text FROM cube_dispatcher.partitions ORDER BY 1"),
+        vec![vec![Some(format!("public.orders_{recent}")), Some("true".into())]],
+        "the job's list: what it made and still has (today's partition was there before)"
+    );
+    let bounds = c.value(
+        "target",
+        &format!("SELECT (period_end - period_start)::text FROM cube_dispatcher.partitions WHERE partition = 'public.orders_{recent}'"),
+    );
+    assert_eq!(bounds.as_deref(), Some("1 day"));
+
+    // without ignore_old_events an old row makes its partition again; with it, it is skipped
+    c.configure("r", &[("ignore_old_events", "on")]);
+    c.exec("target", "SELECT cube_dispatcher.reload('r')");
+    c.source_sql("INSERT INTO orders VALUES (5, 'late', '2019-06-01'), (6, 'now too', current_date)");
+    c.tick("q");
+    c.wait_caught_up("q", "r");
+    assert_eq!(c.value("target", "SELECT to_regclass('orders_2019_06_01')::text"), None, "not made again");
+    assert_eq!(c.status("r", "old_events_skipped").as_deref(), Some("1"));
+    assert_eq!(c.count("target", &format!("orders_{today}")), 2);
+}
