@@ -332,8 +332,7 @@ fn replay(job: &str) -> Result<i64, ApiError> {
         match writer.apply_isolated(&ev) {
             Ok(()) => {
                 for p in &writer.created {
-                    crate::part_time::take_on_time_zone(&source_time_zone());
-                    state::record_partition(&row.config, p);
+                    state::record_partition(job, p);
                 }
                 crate::spi::run("DELETE FROM cube_dispatcher.dead_letter WHERE id = $1", &[id.into()]);
                 written += 1;

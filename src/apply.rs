@@ -3,10 +3,13 @@
 //! one statement per table and column set per chunk, never one per event.
 
 use crate::config::JobConfig;
+use crate::config::Word;
 use crate::decode::{self, DecodeError, Op, Row, TableName};
 use crate::event::{Chunks, RawEvent};
 use crate::mode::ModeError;
+use crate::native;
 use crate::part_time::{Placement, TimeOf};
+use crate::placement::PartMode;
 use crate::plan::{self, Change, DeleteGroup, InsertGroup};
 use crate::route::{self, RouteError};
 use crate::tx::{catching, in_subtransaction, SqlError, SubError};
@@ -56,6 +59,8 @@ pub enum EventError {
     NotAllowed(String),
     #[error("creating partition {table} failed: {step}: {cause}")]
     Template { step: &'static str, table: String, cause: SqlError },
+    #[error("parent table {parent} is a partitioned table: {why}")]
+    NativeUnsupported { parent: String, why: String },
     #[error("part_field names no column for table {0}")]
     NoPartField(String),
     #[error("part_field column {0:?} is missing from ev_data")]
@@ -106,6 +111,85 @@ struct Partition {
     key_index: std::cell::RefCell<Option<(String, bool)>>,
 }
 
+/// A table's oid, if it exists.
+fn relid(name: &str) -> Result<Option<pg_sys::Oid>, EventError> {
+    catching(|| Ok(crate::spi::value::<pg_sys::Oid>("SELECT to_regclass($1)::oid", &[name.into()])))
+        .map_err(EventError::Sql)
+}
+
+/// A partition's columns and the types their text is cast to. format_type without typmod: the
+/// cast goes to the base type and the column's own typmod is then enforced by the INSERT (a
+/// too-long varchar errors instead of truncating).
+fn describe_partition(qualified: String) -> Result<Partition, EventError> {
+    let oid = relid(&qualified)?.ok_or_else(|| EventError::NoPartition(qualified.clone()))?;
+    let columns = Spi::connect(|c| {
+        let rows = c.select(
+            "SELECT a.attname::text,
+                    CASE WHEN t.typcategory = 'S' AND t.typtype <> 'd' THEN NULL
+                         ELSE format_type(a.atttypid, NULL) END
+               FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+              WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped",
+            None,
+            &[oid.into()],
+        )?;
+        let mut m = HashMap::new();
+        for r in rows {
+            m.insert(r.get::<String>(1)?.unwrap_or_default(), r.get::<String>(2)?);
+        }
+        Ok::<_, pgrx::spi::Error>(m)
+    })
+    .map_err(|e| EventError::Sql(SqlError::internal(e)))?;
+    Ok(Partition {
+        qualified,
+        relid: oid,
+        copy_ok: crate::copy_in::usable(oid),
+        columns,
+        key_index: Default::default(),
+    })
+}
+
+/// What a partition about to be looked up or made is: its name, parent, period, and the native
+/// parent's key if the parent is partitioned.
+struct NewPartition<'n> {
+    dest: &'n TableName,
+    parent: &'n TableName,
+    pkey: &'n [String],
+    suffix: Option<&'n str>,
+    /// the start of the period (timestamptz text) and the period, when known
+    period: Option<(String, &'static str)>,
+    native: Option<(pg_sys::Oid, native::NativeKey)>,
+}
+
+impl NewPartition<'_> {
+    /// A leaf of the native parent that covers the period.
+    fn covering(&self) -> Result<Option<String>, EventError> {
+        match (&self.native, &self.period) {
+            (Some((oid, key)), Some((start, _))) => native::covering(*oid, start, key).map_err(EventError::Sql),
+            _ => Ok(None),
+        }
+    }
+
+    /// The template words beyond the table names: the period's bounds and the placing column.
+    fn words(&self, job: &JobConfig) -> Result<Vec<(&'static str, String)>, EventError> {
+        let mut words = Vec::new();
+        if let Some((start, interval)) = &self.period {
+            let any = native::NativeKey::timestamptz();
+            let key = self.native.as_ref().map(|(_, k)| k).unwrap_or(&any);
+            let (lo, hi) = native::bounds(start, interval, key).map_err(EventError::Sql)?;
+            words.push(("_PART_START", lo));
+            words.push(("_PART_END", hi));
+        }
+        let field = match &self.native {
+            Some((_, key)) => Some(key.column.as_str()),
+            None => job.part_field.as_ref().and_then(|f| f.column_for(&self.parent.schema, &self.parent.table)),
+        };
+        if let Some(f) = field {
+            words.push(("_PART_FIELD", quote_ident(f)));
+        }
+        Ok(words)
+    }
+}
+
 /// One batch being applied. Partitions are looked up once per batch.
 pub struct BatchWriter<'a> {
     job: &'a JobConfig,
@@ -136,6 +220,8 @@ pub struct Created {
     pub parent: String,
     pub partition: String,
     pub suffix: String,
+    /// the start of its period (timestamptz text) and the period, when known
+    pub period: Option<(String, &'static str)>,
 }
 
 /// Runs one SQL statement; a PostgreSQL error becomes an Err so the caller can say which events
@@ -199,10 +285,8 @@ impl<'a> BatchWriter<'a> {
                 return Ok(None);
             }
             None => {
-                let p = self.open_partition(&dest, &parent, pkey).map_err(|cause| ApplyError::Event {
-                    ev_id: ev.ev_id,
-                    table: route::qualified(&parent, &quote_ident),
-                    cause,
+                let p = self.open_partition(&dest, &parent, pkey, suffix.as_deref()).map_err(|cause| {
+                    ApplyError::Event { ev_id: ev.ev_id, table: route::qualified(&parent, &quote_ident), cause }
                 })?;
                 self.partitions.push(p);
                 self.by_name.insert(dest, self.partitions.len() - 1);
@@ -230,6 +314,55 @@ impl<'a> BatchWriter<'a> {
             &[suffix.into(), format.into(), period.interval().into(), retention.0.as_str().into()],
         )
         .unwrap_or(false)
+    }
+
+    /// The start of the period a suffix stands for (a timestamptz text, in the transaction's time
+    /// zone, the source's) and the period as an interval; None when the period is not known.
+    fn period_of(&self, suffix: Option<&str>) -> Option<(String, &'static str)> {
+        let (Some(period), Some(format), Some(suffix)) = (self.job.period(), self.job.suffix_format(), suffix) else {
+            return None;
+        };
+        // a dateformat the user declared a period for may still not read back: then no bounds
+        let start = in_subtransaction(|| {
+            Ok::<_, ()>(crate::spi::value::<String>(
+                "SELECT to_timestamp($1, $2)::text",
+                &[suffix.into(), format.into()],
+            ))
+        });
+        start.ok().flatten().map(|s| (s, period.interval()))
+    }
+
+    /// The partition key of a native parent, checked against how the job places rows: the key
+    /// must be the column that places them.
+    fn native_parent(&self, oid: pg_sys::Oid, parent: &TableName) -> Result<Option<native::NativeKey>, EventError> {
+        let parent_q = route::qualified(parent, &quote_ident);
+        let key = match native::key_of(oid).map_err(EventError::Sql)? {
+            Ok(None) => return Ok(None),
+            Ok(Some(key)) => key,
+            Err(native::Unsupported::Key(why)) => return Err(EventError::NativeUnsupported { parent: parent_q, why }),
+        };
+        if self.job.period().is_none() {
+            return Err(EventError::NativeUnsupported {
+                parent: parent_q,
+                why: "its partitions need bounds: set period (or a dateformat of an hour, day, month or year)".into(),
+            });
+        }
+        let field = self.job.part_field.as_ref().and_then(|f| f.column_for(&parent.schema, &parent.table));
+        match (self.job.part_mode, field) {
+            (PartMode::DateField, Some(f)) if f == key.column => Ok(Some(key)),
+            (PartMode::DateField, f) => Err(EventError::NativeUnsupported {
+                parent: parent_q,
+                why: format!("it is partitioned by column {:?}, but part_field places its rows by {:?}", key.column, f.unwrap_or_default()),
+            }),
+            (mode, _) => Err(EventError::NativeUnsupported {
+                parent: parent_q,
+                why: format!(
+                    "its rows must be placed by its partition key: set part_mode = date_field and part_field = {} (part_mode {} does not fill the key yet)",
+                    key.column,
+                    mode.as_str()
+                ),
+            }),
+        }
     }
 
     /// The part_field column for the event's table (parsed once per run of one table).
@@ -507,86 +640,79 @@ impl<'a> BatchWriter<'a> {
         Ok(())
     }
 
-    /// Finds the partition, creating it from the template when missing. Two jobs may need the same
-    /// new partition at once: the creation runs under a transaction-level advisory lock on the
-    /// name and re-checks, so the second waits for the first to commit and then finds the table.
+    /// Finds the partition, creating it when missing. Under a native partitioned parent, the
+    /// partition is whichever leaf covers the period, whoever made it.
     fn open_partition(
         &mut self,
         dest: &TableName,
         parent: &TableName,
         pkey: &[String],
+        suffix: Option<&str>,
     ) -> Result<Partition, EventError> {
-        let qualified = route::qualified(dest, &quote_ident);
-        let relid = |name: &str| -> Result<Option<pg_sys::Oid>, EventError> {
-            catching(|| Ok(crate::spi::value::<pg_sys::Oid>("SELECT to_regclass($1)::oid", &[name.into()])))
-                .map_err(EventError::Sql)
+        let parent_q = route::qualified(parent, &quote_ident);
+        let native = match relid(&parent_q)? {
+            Some(oid) => self.native_parent(oid, parent)?.map(|key| (oid, key)),
+            None => None,
         };
-        let exists = |name: &str| relid(name).map(|r| r.is_some());
-        if !exists(&qualified)? {
-            let template = match &self.job.part_template {
-                Some(t) if t.trim().is_empty() => return Err(EventError::NoPartition(qualified)),
-                Some(t) => t.as_str(),
-                None => self.job.mode.default_template(),
-            };
-            run_sql(
-                "SELECT pg_advisory_xact_lock(hashtextextended('cube_dispatcher partition ' || $1, 0))",
-                &[qualified.as_str().into()],
-            )
-            .map_err(EventError::Sql)?;
-            if !exists(&qualified)? {
-                let parent_q = route::qualified(parent, &quote_ident);
-                if !exists(&parent_q)? {
-                    return Err(EventError::NoParent(parent_q));
-                }
-                // each in a nest of its own: whatever one SETs ends with it (see roles::as_role)
-                let steps = [
-                    ("pre_part", self.job.pre_part.as_deref()),
-                    ("part_template", Some(template)),
-                    ("post_part", self.job.post_part.as_deref()),
-                ];
-                for (step, sql) in steps {
-                    let Some(sql) = sql else { continue };
-                    let sql = route::render_template(sql, dest, parent, pkey, &quote_ident);
-                    crate::roles::as_role(self.role, || run_sql(&sql, &[])).map_err(|cause| EventError::Template {
-                        step,
-                        table: qualified.clone(),
-                        cause,
-                    })?;
-                }
-                self.created.push(Created {
-                    parent: route::qualified(parent, &quote_ident),
-                    partition: qualified.clone(),
-                    suffix: dest.table.strip_prefix(&format!("{}_", parent.table)).unwrap_or_default().to_string(),
-                });
-            }
+        let new = NewPartition { dest, parent, pkey, suffix, period: self.period_of(suffix), native };
+        let qualified = match new.covering()? {
+            Some(leaf) => leaf,
+            None if relid(&route::qualified(dest, &quote_ident))?.is_some() => route::qualified(dest, &quote_ident),
+            None => self.create_partition(&new)?,
+        };
+        describe_partition(qualified)
+    }
+
+    /// Creates a partition from the template, between pre_part and post_part, as the job's role.
+    /// Two jobs may need the same new partition at once: the creation runs under a
+    /// transaction-level advisory lock on the name and re-checks, so the second waits for the
+    /// first to commit and then finds the table. Returns the partition's name.
+    fn create_partition(&mut self, new: &NewPartition) -> Result<String, EventError> {
+        let mut qualified = route::qualified(new.dest, &quote_ident);
+        let template = match (&self.job.part_template, &new.native) {
+            (Some(t), _) if t.trim().is_empty() => return Err(EventError::NoPartition(qualified)),
+            (Some(t), _) => t.as_str(),
+            (None, Some(_)) => self.job.mode.default_native_template(),
+            (None, None) => self.job.mode.default_template(),
+        };
+        run_sql(
+            "SELECT pg_advisory_xact_lock(hashtextextended('cube_dispatcher partition ' || $1, 0))",
+            &[qualified.as_str().into()],
+        )
+        .map_err(EventError::Sql)?;
+        if let Some(leaf) = new.covering()? {
+            qualified = leaf;
         }
-        let oid = relid(&qualified)?.ok_or_else(|| EventError::NoPartition(qualified.clone()))?;
-        // format_type without typmod: the cast goes to the base type and the column's own
-        // typmod is then enforced by the INSERT (a too-long varchar errors instead of truncating).
-        let columns = Spi::connect(|c| {
-            let rows = c.select(
-                "SELECT a.attname::text,
-                        CASE WHEN t.typcategory = 'S' AND t.typtype <> 'd' THEN NULL
-                             ELSE format_type(a.atttypid, NULL) END
-                   FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
-                  WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped",
-                None,
-                &[oid.into()],
-            )?;
-            let mut m = HashMap::new();
-            for r in rows {
-                m.insert(r.get::<String>(1)?.unwrap_or_default(), r.get::<String>(2)?);
-            }
-            Ok::<_, pgrx::spi::Error>(m)
-        })
-        .map_err(|e| EventError::Sql(SqlError::internal(e)))?;
-        Ok(Partition {
-            qualified,
-            relid: oid,
-            copy_ok: crate::copy_in::usable(oid),
-            columns,
-            key_index: Default::default(),
-        })
+        if relid(&qualified)?.is_some() {
+            return Ok(qualified);
+        }
+        let parent_q = route::qualified(new.parent, &quote_ident);
+        if relid(&parent_q)?.is_none() {
+            return Err(EventError::NoParent(parent_q));
+        }
+        let words = new.words(self.job)?;
+        // each in a nest of its own: whatever one SETs ends with it (see roles::as_role)
+        let steps = [
+            ("pre_part", self.job.pre_part.as_deref()),
+            ("part_template", Some(template)),
+            ("post_part", self.job.post_part.as_deref()),
+        ];
+        for (step, sql) in steps {
+            let Some(sql) = sql else { continue };
+            let sql = route::render_template(sql, new.dest, new.parent, new.pkey, &quote_ident, &words);
+            crate::roles::as_role(self.role, || run_sql(&sql, &[])).map_err(|cause| EventError::Template {
+                step,
+                table: qualified.clone(),
+                cause,
+            })?;
+        }
+        self.created.push(Created {
+            parent: parent_q,
+            partition: qualified.clone(),
+            suffix: new.suffix.unwrap_or_default().to_string(),
+            period: new.period.clone(),
+        });
+        Ok(qualified)
     }
 
     fn cast(&self, dest: usize, column: &str, value: &str) -> String {

@@ -159,7 +159,7 @@ pub fn run(
             state::dead_letter(&cfg.job_name, info.batch_id, suffix.as_deref(), ev, &why.to_string());
         }
         for p in &writer.created {
-            state::record_partition(cfg, p);
+            state::record_partition(&cfg.job_name, p);
         }
         state::record_batch(&cfg.job_name, &info, written.events, writer.skipped_old, recent_eps);
         Ok(Some((info, Some((written, std::mem::take(&mut writer.created), Instant::now())))))

@@ -195,20 +195,6 @@ impl<T: Word> Kind<Option<T>> for MaybeWords {
     }
 }
 
-/// retention_period: an interval; unset or empty: keep everything.
-struct Retentions;
-impl Kind<Option<Retention>> for Retentions {
-    fn parse(text: Option<&str>, _: &Context) -> Result<Option<Retention>, String> {
-        match text {
-            Some(t) if !t.trim().is_empty() => Retention::parse(t).map(Some).map_err(str::to_string),
-            _ => Ok(None),
-        }
-    }
-    fn text(value: &Option<Retention>) -> Option<String> {
-        value.as_ref().map(|r| r.0.clone())
-    }
-}
-
 /// A boolean, in PostgreSQL's spellings (and londiste's 0/1).
 struct Bool;
 impl Kind<bool> for Bool {
@@ -221,20 +207,6 @@ impl Kind<bool> for Bool {
     }
     fn text(value: &bool) -> Option<String> {
         Some(if *value { "on" } else { "off" }.into())
-    }
-}
-
-/// part_field: a column, or one per table.
-struct PartFields;
-impl Kind<Option<PartField>> for PartFields {
-    fn parse(text: Option<&str>, _: &Context) -> Result<Option<PartField>, String> {
-        match text {
-            Some(t) if !t.trim().is_empty() => PartField::parse(t).map(Some).map_err(str::to_string),
-            _ => Ok(None),
-        }
-    }
-    fn text(value: &Option<PartField>) -> Option<String> {
-        value.as_ref().map(|f| f.text.clone())
     }
 }
 
@@ -283,19 +255,50 @@ impl<T: Word> Kind<T> for Words {
     }
 }
 
-/// The `tables` allow-list; unset or empty: no list.
-struct Tables;
-impl Kind<Option<TableList>> for Tables {
-    fn parse(text: Option<&str>, _: &Context) -> Result<Option<TableList>, String> {
+/// A value read from its text that keeps that text: an allow-list, a column list, an interval.
+trait TextValue: Sized {
+    fn from_text(text: &str) -> Result<Self, String>;
+    fn text(&self) -> &str;
+}
+
+/// Such a value, or none when unset or empty.
+struct Parsed;
+impl<T: TextValue> Kind<Option<T>> for Parsed {
+    fn parse(text: Option<&str>, _: &Context) -> Result<Option<T>, String> {
         match text {
-            Some(v) if !v.trim().is_empty() => TableList::parse(v)
-                .map(Some)
-                .ok_or_else(|| "expected a comma-separated list of schema.table or schema.*".into()),
+            Some(t) if !t.trim().is_empty() => T::from_text(t).map(Some),
             _ => Ok(None),
         }
     }
-    fn text(value: &Option<TableList>) -> Option<String> {
-        value.as_ref().map(|t| t.text.clone())
+    fn text(value: &Option<T>) -> Option<String> {
+        value.as_ref().map(|v| v.text().to_string())
+    }
+}
+
+impl TextValue for TableList {
+    fn from_text(text: &str) -> Result<Self, String> {
+        TableList::parse(text).ok_or_else(|| "expected a comma-separated list of schema.table or schema.*".into())
+    }
+    fn text(&self) -> &str {
+        &self.text
+    }
+}
+
+impl TextValue for PartField {
+    fn from_text(text: &str) -> Result<Self, String> {
+        PartField::parse(text).map_err(str::to_string)
+    }
+    fn text(&self) -> &str {
+        &self.text
+    }
+}
+
+impl TextValue for Retention {
+    fn from_text(text: &str) -> Result<Self, String> {
+        Retention::parse(text).map_err(str::to_string)
+    }
+    fn text(&self) -> &str {
+        &self.0
     }
 }
 
@@ -352,9 +355,9 @@ options! {
         "what one partition covers: hour, day, month or year";
     part_mode: PartMode, Words, Unset::Value("batch_time"), NextBatch,
         "which time places a row: batch_time, event_time, date_field or current_time";
-    part_field: Option<PartField>, PartFields, Unset::Means("unset"), NextBatch,
+    part_field: Option<PartField>, Parsed, Unset::Means("unset"), NextBatch,
         "date_field: the column whose time places a row, or per table: schema.table:column;...";
-    retention_period: Option<Retention>, Retentions, Unset::Means("unset: keep everything"), NextBatch,
+    retention_period: Option<Retention>, Parsed, Unset::Means("unset: keep everything"), NextBatch,
         "how long a partition is kept after its period ended, e.g. 90 days; older ones are dropped";
     ignore_old_events: bool, Bool, Unset::Value("off"), NextBatch,
         "skip (and count) events for partitions already past retention_period";
@@ -374,7 +377,7 @@ options! {
         "quiet, normal or verbose (a line per batch)";
     on_error: OnError, Words, Unset::Value("retry"), Reload,
         "retry: a failing batch is retried until fixed; dead_letter: failing events are parked";
-    tables: Option<TableList>, Tables, Unset::Means("unset: any table the job's role may write"), Reload,
+    tables: Option<TableList>, Parsed, Unset::Means("unset: any table the job's role may write"), Reload,
         "allow-list of parent tables: schema.table or schema.*, comma-separated";
     lock_timeout: f64, Seconds<false>, Unset::Value("60"), Reload,
         "seconds a write waits for a lock on a target table before the batch is retried";

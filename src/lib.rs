@@ -17,6 +17,7 @@ mod apply;
 mod batch;
 mod gucs;
 mod launcher;
+mod native;
 mod part_time;
 mod retention;
 mod roles;

@@ -76,6 +76,18 @@ impl Mode {
             Mode::KeepAll => "create table _DEST_TABLE (like _PARENT);",
         }
     }
+
+    /// Under a native partitioned parent: a partition of it with the period's bounds. keep_latest
+    /// keys are unique per partition (a primary key on the parent would have to hold the
+    /// partition key too).
+    pub fn default_native_template(self) -> &'static str {
+        match self {
+            Mode::KeepLatest => {
+                "create table _DEST_TABLE partition of _PARENT for values from (_PART_START) to (_PART_END); create unique index on _DEST_TABLE (_PKEY);"
+            }
+            Mode::KeepAll => "create table _DEST_TABLE partition of _PARENT for values from (_PART_START) to (_PART_END);",
+        }
+    }
 }
 
 #[cfg(test)]

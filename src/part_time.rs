@@ -50,13 +50,13 @@ impl Placement {
     /// For dead letters written again: the suffix their batch gave them, or, where none was
     /// recorded (the time itself was what failed), each one's own, in `time_zone` (the source's).
     pub fn for_replay(cfg: &JobConfig, suffix: Option<String>, time_zone: impl FnOnce() -> String) -> Placement {
-        match (suffix, cfg.suffix_format()) {
-            (Some(s), _) => Placement::Fixed(Some(s)),
-            (None, Some(format)) if cfg.part_mode.per_event() => {
-                take_on_time_zone(&time_zone());
-                Placement::for_mode(cfg, format.to_string())
-            }
-            (None, _) => Placement::Fixed(None),
+        let Some(format) = cfg.suffix_format() else { return Placement::Fixed(None) };
+        // as in a batch: templates and the bounds of new partitions see the source's zone
+        take_on_time_zone(&time_zone());
+        match suffix {
+            Some(s) => Placement::Fixed(Some(s)),
+            None if cfg.part_mode.per_event() => Placement::for_mode(cfg, format.to_string()),
+            None => Placement::Fixed(None),
         }
     }
 

@@ -33,26 +33,29 @@ pub fn qualified(t: &TableName, quote: &dyn Fn(&str) -> String) -> String {
     format!("{}.{}", quote(&t.schema), quote(&t.table))
 }
 
-/// Replaces _DEST_TABLE, _PARENT, _PKEY and _SCHEMA_TABLE in one left-to-right pass, so text that a
-/// replacement brings in (a table called `_PARENT`, say) is never replaced again.
+/// Replaces _DEST_TABLE, _PARENT, _PKEY, _SCHEMA_TABLE and the words in `more` (_PART_START,
+/// _PART_END, _PART_FIELD) in one left-to-right pass, so text that a replacement brings in (a
+/// table called `_PARENT`, say) is never replaced again.
 pub fn render_template(
     template: &str,
     dest: &TableName,
     parent: &TableName,
     pkey: &[String],
     quote: &dyn Fn(&str) -> String,
+    more: &[(&'static str, String)],
 ) -> String {
-    let words: [(&str, String); 4] = [
+    let base: [(&str, String); 4] = [
         ("_DEST_TABLE", qualified(dest, quote)),
         ("_SCHEMA_TABLE", quote(&format!("{}_{}", dest.schema, dest.table))),
         ("_PARENT", qualified(parent, quote)),
         // "id,line" as the original wrote it, visible where a template puts it in a name or comment
         ("_PKEY", pkey.iter().map(|c| quote(c)).collect::<Vec<_>>().join(",")),
     ];
+    let words: Vec<&(&str, String)> = base.iter().chain(more).collect();
     let mut out = String::with_capacity(template.len() + 64);
     let mut rest = template;
     'scan: while !rest.is_empty() {
-        for (word, value) in &words {
+        for (word, value) in words.iter().copied() {
             if let Some(after) = rest.strip_prefix(word) {
                 out.push_str(value);
                 rest = after;
@@ -152,7 +155,24 @@ mod tests {
             ("select 'ä' -- _PKEY", t("a", "b"), t("a", "b"), "select 'ä' -- id,\"Line No\""),
         ];
         for (tpl, dest, parent, want) in cases {
-            assert_eq!(render_template(tpl, dest, parent, &pk, &q), *want, "template {tpl:?}");
+            assert_eq!(render_template(tpl, dest, parent, &pk, &q, &[]), *want, "template {tpl:?}");
         }
+        // the words a partition's period brings, next to _PARENT which they resemble
+        let more = [
+            ("_PART_START", "'2026-12-01'".to_string()),
+            ("_PART_END", "'2026-12-02'".to_string()),
+            ("_PART_FIELD", "day".to_string()),
+        ];
+        assert_eq!(
+            render_template(
+                "create table _DEST_TABLE partition of _PARENT for values from (_PART_START) to (_PART_END) -- _PART_FIELD",
+                &t("public", "o_2026_12_01"),
+                &t("public", "o"),
+                &pk,
+                &q,
+                &more
+            ),
+            "create table public.o_2026_12_01 partition of public.o for values from ('2026-12-01') to ('2026-12-02') -- day"
+        );
     }
 }

@@ -141,28 +141,16 @@ pub fn record_batch(job: &str, info: &BatchInfo, events: i64, skipped_old: i64, 
     )
 }
 
-/// Adds a partition the job created to its list, with the period it covers (computed in the
-/// transaction's time zone, the source's), in the transaction that created it.
-pub fn record_partition(cfg: &JobConfig, p: &Created) {
-    let (format, period) = (cfg.suffix_format(), cfg.period().map(|p| p.interval()));
-    // a dateformat the user declared a period for may still not read back: keep it, unbounded
-    let start: Option<String> = match (format, period) {
-        (Some(f), Some(_)) => crate::tx::in_subtransaction(|| {
-            Ok::<_, ()>(crate::spi::value::<String>(
-                "SELECT to_timestamp($1, $2)::text",
-                &[p.suffix.as_str().into(), f.into()],
-            ))
-        })
-        .ok()
-        .flatten(),
-        _ => None,
-    };
+/// Adds a partition the job created to its list, with its period, in the transaction that
+/// created it.
+pub fn record_partition(job: &str, p: &Created) {
+    let (start, period) = p.period.clone().unzip();
     crate::spi::run(
         "INSERT INTO cube_dispatcher.partition (job_name, parent, partition, suffix, period_start, period_end)
          VALUES ($1, $2, $3, $4, $5::timestamptz, $5::timestamptz + $6::interval)
          ON CONFLICT (job_name, partition) DO NOTHING",
         &[
-            cfg.job_name.as_str().into(),
+            job.into(),
             p.parent.as_str().into(),
             p.partition.as_str().into(),
             p.suffix.as_str().into(),

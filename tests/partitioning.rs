@@ -350,3 +350,122 @@ fn retention_drops_exactly_the_expired_partitions_and_old_events_are_skipped() {
     assert_eq!(c.status("r", "old_events_skipped").as_deref(), Some("1"));
     assert_eq!(c.count("target", &format!("orders_{today}")), 2);
 }
+
+/// A native partitioned parent: rows go into the leaf that covers their period, whoever made it
+/// (here a DBA's partition for all of 2019); a missing one is made as PARTITION OF the parent
+/// with the period's bounds, so queries on the parent prune; the DEFAULT partition gets nothing.
+#[test]
+fn native_partitions_take_rows_into_the_leaf_of_their_period() {
+    let c = Cluster::start();
+    c.feed(
+        "q",
+        "orders",
+        "CREATE TABLE orders (id int PRIMARY KEY, txt text, day date)",
+        "CREATE TABLE orders (id int NOT NULL, txt text, day date NOT NULL) PARTITION BY RANGE (day);
+         CREATE TABLE orders_default PARTITION OF orders DEFAULT;
+         CREATE TABLE orders_y2019 PARTITION OF orders FOR VALUES FROM ('2019-01-01') TO ('2020-01-01');",
+    );
+    c.start_job("n", "q", &[("part_mode", "date_field"), ("part_field", "day")]);
+    c.source_sql(
+        "INSERT INTO orders VALUES (1, 'a', '2019-06-01'), (2, 'b', '2023-07-01'), (3, 'c', '2023-07-01'), (4, 'd', '2023-07-02');
+         UPDATE orders SET txt = 'c2' WHERE id = 3;
+         DELETE FROM orders WHERE id = 4;",
+    );
+    c.tick("q");
+    c.wait_caught_up("q", "n");
+    let rows = c.query("target", "SELECT tableoid::regclass::text, id::text, txt FROM orders ORDER BY id");
+    let row = |t: &str, id: &str, txt: &str| vec![Some(t.to_string()), Some(id.to_string()), Some(txt.to_string())];
+    assert_eq!(
+        rows,
+        vec![row("orders_y2019", "1", "a"), row("orders_2023_07_01", "2", "b"), row("orders_2023_07_01", "3", "c2")]
+    );
+    let bound = |t: &str| {
+        c.value("target", &format!("SELECT pg_get_expr(relpartbound, oid) FROM pg_class WHERE relname = '{t}'"))
+    };
+    assert_eq!(bound("orders_2023_07_01").as_deref(), Some("FOR VALUES FROM ('2023-07-01') TO ('2023-07-02')"));
+    assert_eq!(bound("orders_2023_07_02").as_deref(), Some("FOR VALUES FROM ('2023-07-02') TO ('2023-07-03')"));
+    assert_eq!(c.count("target", "orders_default"), 0);
+    assert_eq!(
+        c.value("target", "SELECT to_regclass('orders_2019_06_01')::text"),
+        None,
+        "nothing made where a leaf covers"
+    );
+    // keep_latest: a unique key per partition
+    assert_eq!(
+        c.value("target", "SELECT indisunique::text FROM pg_index WHERE indrelid = 'orders_2023_07_01'::regclass")
+            .as_deref(),
+        Some("true")
+    );
+    let plan =
+        c.query("target", "EXPLAIN (COSTS OFF) SELECT * FROM orders WHERE day >= '2023-07-01' AND day < '2023-07-02'");
+    let plan: Vec<String> = plan.into_iter().map(|r| r[0].clone().unwrap()).collect();
+    let scanned: Vec<&String> = plan.iter().filter(|l| l.contains("Scan on")).collect();
+    assert_eq!(scanned.len(), 1, "{plan:#?}");
+    assert!(scanned[0].contains("orders_2023_07_01"), "{plan:#?}");
+}
+
+/// What a native parent cannot take is a clear error naming it, and nothing is written.
+#[test]
+fn a_native_parent_the_job_cannot_fill_is_a_clear_error() {
+    let c = Cluster::start();
+    c.feed(
+        "q",
+        "orders",
+        "CREATE TABLE orders (id int PRIMARY KEY, txt text, day date, shipped date)",
+        "CREATE TABLE orders (id int NOT NULL, txt text, day date NOT NULL, shipped date) PARTITION BY RANGE (day)",
+    );
+    c.start_job("bt", "q", &[]);
+    c.source_sql("INSERT INTO orders VALUES (1, 'a', '2019-06-01', '2019-06-03')");
+    c.tick("q");
+    c.wait_status("bt", "last_error", |e| e.is_some_and(|e| e.contains("partitioned table")));
+    let err = c.status("bt", "last_error").unwrap();
+    assert!(
+        err.contains("table public.orders: parent table public.orders is a partitioned table: its rows must be placed by its partition key: set part_mode = date_field and part_field = day"),
+        "{err}"
+    );
+    c.configure("bt", &[("part_mode", "date_field"), ("part_field", "shipped")]);
+    c.exec("target", "SELECT cube_dispatcher.reload('bt')");
+    c.wait_status("bt", "last_error", |e| e.is_some_and(|e| e.contains("part_field places its rows by")));
+    let err = c.status("bt", "last_error").unwrap();
+    assert!(
+        err.contains("it is partitioned by column \"day\", but part_field places its rows by \"shipped\""),
+        "{err}"
+    );
+    assert_eq!(c.count("target", "orders"), 0);
+}
+
+/// A parent pg_partman manages works with a job unchanged: rows land in pg_partman's own
+/// partitions (its names, premade), the job makes one only for a range pg_partman has not made,
+/// and pg_partman's maintenance goes on working.
+#[test]
+fn a_parent_managed_by_pg_partman() {
+    let c = Cluster::start();
+    c.feed(
+        "q",
+        "orders",
+        "CREATE TABLE orders (id int PRIMARY KEY, txt text, day date)",
+        "CREATE TABLE orders (id int NOT NULL, txt text, day date NOT NULL) PARTITION BY RANGE (day);
+         CREATE SCHEMA partman; CREATE EXTENSION pg_partman SCHEMA partman;
+         SELECT partman.create_parent('public.orders', 'day', 'native', 'daily', p_premake := 3,
+                                      p_start_partition := (current_date - 2)::text);",
+    );
+    c.start_job("pm", "q", &[("part_mode", "date_field"), ("part_field", "day")]);
+    c.source_sql("INSERT INTO orders VALUES (1, 'today', current_date), (2, 'later', current_date + 40)");
+    c.tick("q");
+    c.wait_caught_up("q", "pm");
+    let today = c.value("source", "SELECT to_char(current_date, 'YYYY_MM_DD')").unwrap();
+    let later = c.value("source", "SELECT to_char(current_date + 40, 'YYYY_MM_DD')").unwrap();
+    let rows = c.query("target", "SELECT tableoid::regclass::text, id::text FROM orders ORDER BY id");
+    assert_eq!(
+        rows,
+        vec![
+            vec![Some(format!("orders_p{today}")), Some("1".into())],
+            vec![Some(format!("orders_{later}")), Some("2".into())],
+        ],
+        "pg_partman's partition where it made one; the job's where it had not"
+    );
+    assert_eq!(c.count("target", "orders_default"), 0);
+    assert_eq!(c.value("target", &format!("SELECT to_regclass('orders_{today}')::text")), None);
+    // pg_partman's maintenance still runs with the job's partition among its own
+    c.exec("target", "SELECT partman.run_maintenance('public.orders')");
+}
