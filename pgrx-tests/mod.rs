@@ -63,7 +63,7 @@ mod tests {
     fn keep_latest_writes_the_last_version_into_a_new_partition() {
         Spi::run("CREATE TABLE orders (id int PRIMARY KEY, txt text, n numeric)").unwrap();
         let cfg = job(Mode::KeepLatest, None);
-        let mut w = BatchWriter::new(&cfg, me(), Placement::Fixed(Some("2026_11_24".into())));
+        let mut w = BatchWriter::new(&cfg, me(), Placement::fixed(Some("2026_11_24".into())));
         let events = vec![
             ev(1, "I:id", "id=1&txt=a&n=1.5", "public.orders"),
             ev(2, "I:id", "id=2&txt&n=2", "public.orders"),
@@ -96,7 +96,7 @@ mod tests {
         let role = Spi::get_one::<pg_sys::Oid>("SELECT 'cd_rls_tester'::regrole::oid").unwrap().unwrap();
         let mut cfg = job(Mode::KeepAll, Some("create table _DEST_TABLE (like _PARENT); alter table _DEST_TABLE enable row level security; create policy mine on _DEST_TABLE for insert with check (owner = 'me'); create policy see on _DEST_TABLE for select using (true)"));
         cfg.dateformat = DateFormat::Off;
-        let mut w = BatchWriter::new(&cfg, role, Placement::Fixed(None));
+        let mut w = BatchWriter::new(&cfg, role, Placement::fixed(None));
         w.apply(&[ev(1, "I:", "id=1&owner=me", "public.notes")]).unwrap();
         let err = w.apply(&[ev(2, "I:", "id=2&owner=you", "public.notes")]).unwrap_err().to_string();
         assert!(err.contains("row-level security"), "{err}");
@@ -109,7 +109,7 @@ mod tests {
             Mode::KeepLatest,
             Some("create table _DEST_TABLE (like _PARENT); alter table only _DEST_TABLE add primary key (_PKEY); create index on _DEST_TABLE (line)"),
         );
-        let mut w = BatchWriter::new(&cfg, me(), Placement::Fixed(Some("2026_11".into())));
+        let mut w = BatchWriter::new(&cfg, me(), Placement::fixed(Some("2026_11".into())));
         w.apply(&[ev(1, "I:Id,line", "Id=1&line=2", "Sales.Order Lines")]).unwrap();
         let created: Vec<_> =
             w.created.iter().map(|p| (p.parent.as_str(), p.partition.as_str(), p.suffix.as_str())).collect();
@@ -157,12 +157,12 @@ mod tests {
             Mode::KeepAll,
             Some("set search_path = public, pg_catalog; select set_config('work_mem', '77MB', false); create table _DEST_TABLE (like _PARENT)"),
         );
-        BatchWriter::new(&cfg, me(), Placement::Fixed(Some("2026_12_02".into())))
+        BatchWriter::new(&cfg, me(), Placement::fixed(Some("2026_12_02".into())))
             .apply(&[ev(1, "I:id", "id=1", "public.orders")])
             .unwrap();
         assert_eq!((setting("search_path"), setting("work_mem")), (path, work_mem));
         let cfg = job(Mode::KeepAll, Some("create temp table _SCHEMA_TABLE (like _PARENT)"));
-        let err = BatchWriter::new(&cfg, me(), Placement::Fixed(Some("2026_12_03".into())))
+        let err = BatchWriter::new(&cfg, me(), Placement::fixed(Some("2026_12_03".into())))
             .apply(&[ev(2, "I:id", "id=2", "public.orders")])
             .unwrap_err()
             .to_string();

@@ -3,7 +3,6 @@
 //! one statement per table and column set per chunk, never one per event.
 
 use crate::config::JobConfig;
-use crate::config::Word;
 use crate::decode::{self, DecodeError, Op, Row, TableName};
 use crate::event::{Chunks, RawEvent};
 use crate::mode::ModeError;
@@ -61,6 +60,8 @@ pub enum EventError {
     Template { step: &'static str, table: String, cause: SqlError },
     #[error("parent table {parent} is a partitioned table: {why}")]
     NativeUnsupported { parent: String, why: String },
+    #[error("no time to fill the partition key column {0:?} with")]
+    NoKeyTime(String),
     #[error("part_field names no column for table {0}")]
     NoPartField(String),
     #[error("part_field column {0:?} is missing from ev_data")]
@@ -109,6 +110,18 @@ struct Partition {
     columns: HashMap<String, Option<String>>,
     /// the last key_indexed() answer
     key_index: std::cell::RefCell<Option<(String, bool)>>,
+    /// a native parent's partition key that the job fills with the placing time (part_mode
+    /// batch_time, event_time, current_time: the column does not come from the events)
+    fill_key: Option<String>,
+}
+
+/// Sets `column` to `time` in the row: appended, or in place of a value the event carried.
+fn fill<'e>(row: &mut Row<'e>, column: &str, time: &'e str) {
+    let value = Some(decode::Encoded::literal(time));
+    match row.iter_mut().find(|(c, _)| c == column) {
+        Some((_, v)) => *v = value,
+        None => row.push((Cow::Owned(column.to_string()), value)),
+    }
 }
 
 /// A table's oid, if it exists.
@@ -145,6 +158,7 @@ fn describe_partition(qualified: String) -> Result<Partition, EventError> {
         copy_ok: crate::copy_in::usable(oid),
         columns,
         key_index: Default::default(),
+        fill_key: None,
     })
 }
 
@@ -352,16 +366,14 @@ impl<'a> BatchWriter<'a> {
             (PartMode::DateField, Some(f)) if f == key.column => Ok(Some(key)),
             (PartMode::DateField, f) => Err(EventError::NativeUnsupported {
                 parent: parent_q,
-                why: format!("it is partitioned by column {:?}, but part_field places its rows by {:?}", key.column, f.unwrap_or_default()),
-            }),
-            (mode, _) => Err(EventError::NativeUnsupported {
-                parent: parent_q,
                 why: format!(
-                    "its rows must be placed by its partition key: set part_mode = date_field and part_field = {} (part_mode {} does not fill the key yet)",
+                    "it is partitioned by column {:?}, but part_field places its rows by {:?}",
                     key.column,
-                    mode.as_str()
+                    f.unwrap_or_default()
                 ),
             }),
+            // the job fills the key with the time that places the row
+            _ => Ok(Some(key)),
         }
     }
 
@@ -414,7 +426,12 @@ impl<'a> BatchWriter<'a> {
 
     /// Decodes, checks, places and routes a run of events. Every failure names the event and its
     /// table.
-    fn changes<'e>(&mut self, events: &'e [RawEvent<'_>]) -> Result<Vec<Change<'e>>, ApplyError> {
+    /// `batch_time`: the time of the whole batch, when one time places it (see fill_key).
+    fn changes<'e>(
+        &mut self,
+        events: &'e [RawEvent<'_>],
+        batch_time: Option<&'e str>,
+    ) -> Result<Vec<Change<'e>>, ApplyError> {
         let fail = |ev: &RawEvent, cause: EventError| ApplyError::Event {
             ev_id: ev.ev_id,
             table: ev.ev_extra1.as_deref().unwrap_or("(null)").to_string(),
@@ -440,12 +457,18 @@ impl<'a> BatchWriter<'a> {
             return Err(fail(&events[i], EventError::NotATime { what, value: bad.text, cause: bad.cause }));
         }
         let mut changes = Vec::with_capacity(events.len());
-        for (i, (ev, (op, pkey, row))) in events.iter().zip(decoded).enumerate() {
+        for (i, (ev, (op, pkey, mut row))) in events.iter().zip(decoded).enumerate() {
             let time = times.get(i).and_then(|t| t.as_deref());
-            match self.destination(ev, &pkey, time)? {
-                Some(dest) => changes.push(Change { ev_id: ev.ev_id, op, dest, pkey, row }),
-                None => self.skipped_old += 1,
+            let Some(dest) = self.destination(ev, &pkey, time)? else {
+                self.skipped_old += 1;
+                continue;
+            };
+            if let Some(key) = &self.partitions[dest].fill_key {
+                let time = batch_time.or(ev.ev_time.as_deref());
+                let time = time.ok_or_else(|| fail(ev, EventError::NoKeyTime(key.clone())))?;
+                fill(&mut row, key, time);
             }
+            changes.push(Change { ev_id: ev.ev_id, op, dest, pkey, row });
         }
         Ok(changes)
     }
@@ -576,7 +599,8 @@ impl<'a> BatchWriter<'a> {
     }
 
     fn apply_as_owner(&mut self, events: &[RawEvent], leave_open: bool) -> Result<Option<OpenCopy>, ApplyError> {
-        let changes = self.changes(events)?;
+        let batch_time = self.placement.batch_time().map(str::to_string);
+        let changes = self.changes(events, batch_time.as_deref())?;
         let plan = plan::plan(&changes, self.job.mode);
         for d in &plan.deletes {
             self.delete(d)?;
@@ -602,7 +626,8 @@ impl<'a> BatchWriter<'a> {
             return None;
         }
         let skipped_before = self.skipped_old;
-        let Ok(changes) = self.changes(events) else {
+        let batch_time = self.placement.batch_time().map(str::to_string);
+        let Ok(changes) = self.changes(events, batch_time.as_deref()) else {
             self.skipped_old = skipped_before;
             return None;
         };
@@ -660,7 +685,11 @@ impl<'a> BatchWriter<'a> {
             None if relid(&route::qualified(dest, &quote_ident))?.is_some() => route::qualified(dest, &quote_ident),
             None => self.create_partition(&new)?,
         };
-        describe_partition(qualified)
+        let mut partition = describe_partition(qualified)?;
+        if self.job.part_mode != PartMode::DateField {
+            partition.fill_key = new.native.map(|(_, key)| key.column);
+        }
+        Ok(partition)
     }
 
     /// Creates a partition from the template, between pre_part and post_part, as the job's role.

@@ -54,6 +54,7 @@ static NOTABLE: [bool; 256] = {
 /// `Encoded::needs` bits
 const DECODING: u8 = 1; // has '%' escapes or '+'
 const COPY_ESCAPES: u8 = 2; // decodes to a byte COPY text must escape: \ \n \r \t
+const LITERAL: u8 = 4; // not url-encoded at all (Encoded::literal)
 
 impl<'a> Encoded<'a> {
     /// No escapes: the text is its own decoding.
@@ -63,7 +64,7 @@ impl<'a> Encoded<'a> {
 
     /// Neither url decoding nor COPY escaping changes it: the text is its own COPY text.
     pub fn copy_plain(&self) -> Option<&'a str> {
-        (self.needs == 0).then_some(self.raw)
+        (self.needs & !LITERAL == 0).then_some(self.raw)
     }
 
     /// Its decoding is its COPY text: nothing in it needs a COPY escape.
@@ -82,8 +83,19 @@ impl<'a> Encoded<'a> {
         Cow::Owned(String::from_utf8(out).expect("validated value"))
     }
 
+    /// A value that is text already, not url-encoded: the time the job fills a native parent's
+    /// partition key with.
+    pub fn literal(text: &'a str) -> Encoded<'a> {
+        let copy_special = text.bytes().any(|b| matches!(b, b'\\' | b'\n' | b'\r' | b'\t'));
+        Encoded { raw: text, needs: if copy_special { COPY_ESCAPES | LITERAL } else { LITERAL } }
+    }
+
     /// Appends the decoded bytes to `out`.
     pub fn decode_into(&self, out: &mut Vec<u8>) {
+        if let Some(p) = self.plain() {
+            out.extend_from_slice(p.as_bytes());
+            return;
+        }
         for (n, segment) in self.raw.as_bytes().split(|&b| b == b'+').enumerate() {
             if n > 0 {
                 out.push(b' ');
@@ -256,6 +268,18 @@ mod tests {
 
     fn s(v: &str) -> Option<Cow<'static, str>> {
         Some(Cow::Owned(v.to_string()))
+    }
+
+    #[test]
+    fn a_literal_is_its_own_text() {
+        // '+' and ' ' would mean something in ev_data; a literal is not url-encoded
+        let t = Encoded::literal("2026-12-02 07:15:00.5+05:30");
+        assert_eq!(t.decoded(), "2026-12-02 07:15:00.5+05:30");
+        assert_eq!(t.copy_plain(), Some("2026-12-02 07:15:00.5+05:30"));
+        let mut out = Vec::new();
+        t.decode_into(&mut out);
+        assert_eq!(out, b"2026-12-02 07:15:00.5+05:30");
+        assert!(!Encoded::literal("a\tb").copy_safe());
     }
 
     #[test]

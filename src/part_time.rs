@@ -7,12 +7,14 @@ use crate::config::JobConfig;
 use crate::placement::{PartField, PartMode};
 use crate::source::BatchInfo;
 use crate::tx::{in_subtransaction, SqlError, SubError};
+use pgrx::prelude::*;
 use std::collections::HashMap;
 
 /// How the events of one batch (or one replay) find their suffix.
 pub enum Placement {
-    /// Every event: this suffix (None: partitioning off).
-    Fixed(Option<String>),
+    /// Every event: this suffix (None: partitioning off), and the time it stands for (the batch
+    /// end, or the write's start), in the source's zone, when known.
+    Fixed { suffix: Option<String>, time: Option<String> },
     /// Each event by its time: `to_char(time::timestamptz, format)`.
     PerEvent { format: String, time: TimeOf, known: HashMap<String, String> },
 }
@@ -36,13 +38,21 @@ pub fn take_on_time_zone(time_zone: &str) {
 }
 
 impl Placement {
+    /// Every event into the partition of `suffix`, at a time not known.
+    pub fn fixed(suffix: Option<String>) -> Placement {
+        Placement::Fixed { suffix, time: None }
+    }
+
     /// For a batch, in its transaction.
     pub fn for_batch(cfg: &JobConfig, info: &BatchInfo) -> Placement {
-        let Some(format) = cfg.suffix_format() else { return Placement::Fixed(None) };
+        let Some(format) = cfg.suffix_format() else { return Placement::fixed(None) };
         // also for batch_time: templates and the bounds of new partitions see the source's zone
         take_on_time_zone(&info.time_zone);
         match cfg.part_mode {
-            PartMode::BatchTime => Placement::Fixed(info.suffix.clone()),
+            PartMode::BatchTime => Placement::Fixed {
+                suffix: info.suffix.clone(),
+                time: crate::spi::value("SELECT $1::timestamptz::text", &[info.batch_end.as_str().into()]),
+            },
             _ => Placement::for_mode(cfg, format.to_string()),
         }
     }
@@ -50,13 +60,22 @@ impl Placement {
     /// For dead letters written again: the suffix their batch gave them, or, where none was
     /// recorded (the time itself was what failed), each one's own, in `time_zone` (the source's).
     pub fn for_replay(cfg: &JobConfig, suffix: Option<String>, time_zone: impl FnOnce() -> String) -> Placement {
-        let Some(format) = cfg.suffix_format() else { return Placement::Fixed(None) };
+        let Some(format) = cfg.suffix_format() else { return Placement::fixed(None) };
         // as in a batch: templates and the bounds of new partitions see the source's zone
         take_on_time_zone(&time_zone());
         match suffix {
-            Some(s) => Placement::Fixed(Some(s)),
+            // the time is not kept with a dead letter: its period's start stands for it
+            Some(s) => {
+                let time = crate::tx::in_subtransaction(|| {
+                    Ok::<_, ()>(crate::spi::value::<String>(
+                        "SELECT to_timestamp($1, $2)::text",
+                        &[s.as_str().into(), format.into()],
+                    ))
+                });
+                Placement::Fixed { suffix: Some(s), time: time.ok().flatten() }
+            }
             None if cfg.part_mode.per_event() => Placement::for_mode(cfg, format.to_string()),
-            None => Placement::Fixed(None),
+            None => Placement::fixed(None),
         }
     }
 
@@ -68,7 +87,12 @@ impl Placement {
             (PartMode::DateField, None) => unreachable!("JobConfig::read requires part_field for date_field"),
             // the batch transaction's start: every event of the batch in one partition
             (PartMode::CurrentTime | PartMode::BatchTime, _) => {
-                Placement::Fixed(crate::spi::value("SELECT to_char(now(), $1)", &[format.as_str().into()]))
+                let (suffix, time) = Spi::get_two_with_args::<String, String>(
+                    "SELECT to_char(now(), $1), now()::text",
+                    &[format.as_str().into()],
+                )
+                .unwrap_or_else(|e| crate::spi::fail(e));
+                Placement::Fixed { suffix, time }
             }
         }
     }
@@ -111,15 +135,23 @@ impl Placement {
     /// The suffix of an event whose time is `time` (learnt before, if placed per event).
     pub fn suffix(&self, time: Option<&str>) -> Option<&str> {
         match self {
-            Placement::Fixed(s) => s.as_deref(),
+            Placement::Fixed { suffix, .. } => suffix.as_deref(),
             Placement::PerEvent { known, .. } => time.and_then(|t| known.get(t)).map(String::as_str),
+        }
+    }
+
+    /// The time of the whole batch (its end, or the write's start), when one time places it.
+    pub fn batch_time(&self) -> Option<&str> {
+        match self {
+            Placement::Fixed { time, .. } => time.as_deref(),
+            Placement::PerEvent { .. } => None,
         }
     }
 
     /// Which time of an event places it; None when one suffix serves the whole batch.
     pub fn time_of(&self) -> Option<&TimeOf> {
         match self {
-            Placement::Fixed(_) => None,
+            Placement::Fixed { .. } => None,
             Placement::PerEvent { time, .. } => Some(time),
         }
     }

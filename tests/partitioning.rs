@@ -404,6 +404,73 @@ fn native_partitions_take_rows_into_the_leaf_of_their_period() {
     assert!(scanned[0].contains("orders_2023_07_01"), "{plan:#?}");
 }
 
+/// With batch_time, event_time and current_time the job fills a native parent's partition key
+/// (a column the source table does not have) with the time that placed the row.
+#[test]
+fn native_partitions_keyed_by_the_time_the_job_fills_in() {
+    let c = Cluster::start();
+    c.feed(
+        "qa",
+        "a",
+        "CREATE TABLE a (id int PRIMARY KEY, txt text)",
+        "CREATE TABLE a (id int, txt text, at timestamptz) PARTITION BY RANGE (at)",
+    );
+    c.feed(
+        "qb",
+        "b",
+        "CREATE TABLE b (id int PRIMARY KEY, txt text)",
+        "CREATE TABLE b (id int, txt text, d date) PARTITION BY RANGE (d)",
+    );
+    c.feed(
+        "qc",
+        "c",
+        "CREATE TABLE c (id int PRIMARY KEY, txt text)",
+        "CREATE TABLE c (id int, txt text, w timestamp) PARTITION BY RANGE (w)",
+    );
+    c.start_job("bt", "qa", &[]);
+    c.start_job("et", "qb", &[("mode", "keep_all"), ("part_mode", "event_time")]);
+    c.start_job("ct", "qc", &[("part_mode", "current_time"), ("period", "hour")]);
+    c.source_sql("INSERT INTO a VALUES (1, 'x'); INSERT INTO c VALUES (1, 'x');");
+    for (i, t) in ["2001-02-03 04:05:06+00", "2001-02-04 23:59:59+00"].iter().enumerate() {
+        c.source_sql(&format!(
+            "SELECT pgq.insert_event_raw('qb', NULL, '{t}', NULL, NULL, 'I:id', 'id={i}&txt=old', 'public.b', NULL, NULL, NULL)"
+        ));
+    }
+    for q in ["qa", "qb", "qc"] {
+        c.tick(q);
+    }
+    c.wait_caught_up("qa", "bt");
+    c.wait_caught_up("qb", "et");
+    c.wait_caught_up("qc", "ct");
+    let today = c.value("source", "SELECT to_char(now(), 'YYYY_MM_DD')").unwrap();
+    assert_eq!(
+        c.query("target", "SELECT tableoid::regclass::text, ('a_' || to_char(at, 'YYYY_MM_DD'))::text FROM a"),
+        vec![vec![Some(format!("a_{today}")), Some(format!("a_{today}"))]],
+        "the key holds the batch's end, which names the leaf"
+    );
+    assert_eq!(
+        c.query("target", "SELECT tableoid::regclass::text, d::text FROM b ORDER BY id"),
+        vec![
+            vec![Some("b_2001_02_03".into()), Some("2001-02-03".into())],
+            vec![Some("b_2001_02_04".into()), Some("2001-02-04".into())],
+        ]
+    );
+    // the key holds the write's time, and that time names the leaf
+    assert_eq!(
+        c.query(
+            "target",
+            "SELECT (tableoid::regclass::text = 'c_' || to_char(w, 'YYYY_MM_DD_HH24'))::text,
+                    (w BETWEEN localtimestamp - interval '5 minutes' AND localtimestamp)::text FROM c"
+        ),
+        vec![vec![Some("true".into()), Some("true".into())]]
+    );
+    let plan = c.query("target", "EXPLAIN (COSTS OFF) SELECT * FROM b WHERE d = '2001-02-03'");
+    let scans: Vec<String> =
+        plan.into_iter().map(|r| r[0].clone().unwrap()).filter(|l| l.contains("Scan on")).collect();
+    assert_eq!(scans.len(), 1, "{scans:?}");
+    assert!(scans[0].contains("b_2001_02_03"), "{scans:?}");
+}
+
 /// What a native parent cannot take is a clear error naming it, and nothing is written.
 #[test]
 fn a_native_parent_the_job_cannot_fill_is_a_clear_error() {
@@ -414,24 +481,28 @@ fn a_native_parent_the_job_cannot_fill_is_a_clear_error() {
         "CREATE TABLE orders (id int PRIMARY KEY, txt text, day date, shipped date)",
         "CREATE TABLE orders (id int NOT NULL, txt text, day date NOT NULL, shipped date) PARTITION BY RANGE (day)",
     );
-    c.start_job("bt", "q", &[]);
+    c.feed(
+        "q2",
+        "items",
+        "CREATE TABLE items (id int PRIMARY KEY)",
+        "CREATE TABLE items (id int NOT NULL) PARTITION BY RANGE (id)",
+    );
+    c.start_job("bt", "q", &[("part_mode", "date_field"), ("part_field", "shipped")]);
     c.source_sql("INSERT INTO orders VALUES (1, 'a', '2019-06-01', '2019-06-03')");
     c.tick("q");
     c.wait_status("bt", "last_error", |e| e.is_some_and(|e| e.contains("partitioned table")));
     let err = c.status("bt", "last_error").unwrap();
     assert!(
-        err.contains("table public.orders: parent table public.orders is a partitioned table: its rows must be placed by its partition key: set part_mode = date_field and part_field = day"),
-        "{err}"
-    );
-    c.configure("bt", &[("part_mode", "date_field"), ("part_field", "shipped")]);
-    c.exec("target", "SELECT cube_dispatcher.reload('bt')");
-    c.wait_status("bt", "last_error", |e| e.is_some_and(|e| e.contains("part_field places its rows by")));
-    let err = c.status("bt", "last_error").unwrap();
-    assert!(
-        err.contains("it is partitioned by column \"day\", but part_field places its rows by \"shipped\""),
+        err.contains("table public.orders: parent table public.orders is a partitioned table: it is partitioned by column \"day\", but part_field places its rows by \"shipped\""),
         "{err}"
     );
     assert_eq!(c.count("target", "orders"), 0);
+    c.start_job("it", "q2", &[]);
+    c.source_sql("INSERT INTO items VALUES (1)");
+    c.tick("q2");
+    c.wait_status("it", "last_error", |e| e.is_some_and(|e| e.contains("partitioned table")));
+    let err = c.status("it", "last_error").unwrap();
+    assert!(err.contains("its partition key column \"id\" is not a date, timestamp or timestamptz"), "{err}");
 }
 
 /// A parent pg_partman manages works with a job unchanged: rows land in pg_partman's own
