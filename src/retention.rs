@@ -2,8 +2,9 @@
 //! ago. Only the job's own: those in its list (`cube_dispatcher.partition`), and tables named
 //! exactly `<parent>_<suffix>` of its parents whose suffix reads back under the dateformat (the
 //! Python tool's, made before an upgrade) and that no other job lists. Never a parent, never a
-//! table whose suffix does not read back. Runs in a transaction of its own between batches; each
-//! drop waits at most lock_timeout and is tried again next time if it could not be done.
+//! table whose suffix does not read back. A native partition is detached, then dropped. Runs in a
+//! transaction of its own between batches; each drop waits at most lock_timeout and is tried
+//! again next time if it could not be done.
 
 use crate::config::JobConfig;
 use crate::spi;
@@ -40,9 +41,17 @@ pub fn run(cfg: &JobConfig, role: pg_sys::Oid, time_zone: &str) -> Pass {
         let dropped = match &e.table {
             None => Ok(()),
             Some(table) => {
-                let drop = format!("DROP TABLE {table}");
+                // a native partition is detached from its parent first, then dropped
+                let parent: Option<String> = spi::value(
+                    "SELECT format('%I.%I', n.nspname, p.relname) FROM pg_inherits i
+                       JOIN pg_class p ON p.oid = i.inhparent JOIN pg_namespace n ON n.oid = p.relnamespace
+                      WHERE i.inhrelid = to_regclass($1) AND p.relkind = 'p'",
+                    &[table.as_str().into()],
+                );
+                let mut sql = parent.map(|p| format!("ALTER TABLE {p} DETACH PARTITION {table}; ")).unwrap_or_default();
+                sql.push_str(&format!("DROP TABLE {table}"));
                 in_subtransaction(|| {
-                    crate::roles::as_role(role, || spi::run(&drop, &[]));
+                    crate::roles::as_role(role, || spi::run(&sql, &[]));
                     Ok::<_, ()>(())
                 })
             }

@@ -115,7 +115,9 @@ fn event_time_and_current_time() {
     let c = Cluster::start();
     c.feed("q", "orders", "CREATE TABLE orders (id int, txt text)", "CREATE TABLE orders (id int, txt text)");
     c.start_job("by_event", "q", &[("mode", "keep_all"), ("part_mode", "event_time"), ("period", "month")]);
+    c.start_job("by_event_h", "q", &[("mode", "keep_all"), ("part_mode", "event_time"), ("period", "hour")]);
     c.start_job("now", "q", &[("mode", "keep_all"), ("part_mode", "current_time"), ("period", "year")]);
+    c.start_job("by_batch_h", "q", &[("mode", "keep_all"), ("dateformat", "YYYY_MM_DD_HH24\"b\"")]);
     let times = ["2001-02-03 04:05:06+00", "2015-06-30 23:00:00+00", "2015-06-01 00:00:00+00"];
     for (i, t) in times.iter().enumerate() {
         c.source_sql(&format!(
@@ -124,20 +126,39 @@ fn event_time_and_current_time() {
     }
     c.source_sql("INSERT INTO orders VALUES (9, 'today')");
     c.tick("q");
-    c.wait_caught_up("q", "by_event");
-    c.wait_caught_up("q", "now");
+    for job in ["by_event", "by_event_h", "now", "by_batch_h"] {
+        c.wait_caught_up("q", job);
+    }
     let month = |t: &str| on_source(&c, "orders", &format!("timestamptz '{t}'"), "YYYY_MM");
+    let hour = |t: &str| on_source(&c, "orders", &format!("timestamptz '{t}'"), "YYYY_MM_DD_HH24");
     let this_year = on_source(&c, "orders", "now()", "YYYY");
     let this_month = on_source(&c, "orders", "now()", "YYYY_MM");
+    // ev_time of the trigger's row, and the batch's end (its tick), as the source has them
+    let row_time =
+        c.value("source", "SELECT ev_time::text FROM pgq.event_template WHERE ev_data LIKE 'id=9&%'").unwrap();
+    let last_tick = c
+        .value("source", "SELECT max(t.tick_time)::text FROM pgq.tick t JOIN pgq.queue q ON q.queue_id = t.tick_queue WHERE q.queue_name = 'q'")
+        .unwrap();
+    let batch_hour = on_source(&c, "orders", &format!("timestamptz '{last_tick}'"), "YYYY_MM_DD_HH24\"b\"");
+    let row_hour = hour(&row_time);
     let want = expect(&[
         (month(times[0]), "0", "old0"),
         (month(times[1]), "1", "old1"),
         (month(times[2]), "2", "old2"),
         (this_month, "9", "today"),
+        (hour(times[0]), "0", "old0"),
+        (hour(times[1]), "1", "old1"),
+        (hour(times[2]), "2", "old2"),
+        (row_hour, "9", "today"),
         (this_year.clone(), "0", "old0"),
         (this_year.clone(), "1", "old1"),
         (this_year.clone(), "2", "old2"),
         (this_year, "9", "today"),
+        // batch_time: every event of the batch in the hour of its end, whatever its ev_time
+        (batch_hour.clone(), "0", "old0"),
+        (batch_hour.clone(), "1", "old1"),
+        (batch_hour.clone(), "2", "old2"),
+        (batch_hour, "9", "today"),
     ]);
     assert_eq!(partitions(&c, "orders"), want);
 }
@@ -539,4 +560,37 @@ fn a_parent_managed_by_pg_partman() {
     assert_eq!(c.value("target", &format!("SELECT to_regclass('orders_{today}')::text")), None);
     // pg_partman's maintenance still runs with the job's partition among its own
     c.exec("target", "SELECT partman.run_maintenance('public.orders')");
+}
+
+/// Retention under a native parent: the expired partition the job made is detached, then
+/// dropped; the current one stays attached.
+#[test]
+fn retention_detaches_and_drops_native_partitions() {
+    let c = Cluster::start();
+    c.feed(
+        "q",
+        "events_n",
+        "CREATE TABLE events_n (id int PRIMARY KEY, day date)",
+        "CREATE TABLE events_n (id int NOT NULL, day date NOT NULL) PARTITION BY RANGE (day)",
+    );
+    c.start_job("rn", "q", &[("part_mode", "date_field"), ("part_field", "day"), ("retention_period", "30 days")]);
+    c.source_sql("INSERT INTO events_n VALUES (1, '2019-06-01'), (2, current_date)");
+    c.tick("q");
+    c.wait_caught_up("q", "rn");
+    let today = c.value("source", "SELECT to_char(current_date, 'YYYY_MM_DD')").unwrap();
+    let leaves = || {
+        c.query(
+            "target",
+            "SELECT inhrelid::regclass::text FROM pg_inherits WHERE inhparent = 'events_n'::regclass ORDER BY 1",
+        )
+        .into_iter()
+        .map(|r| r[0].clone().unwrap())
+        .collect::<Vec<_>>()
+    };
+    c.wait_until("the expired partition dropped", std::time::Duration::from_secs(30), || {
+        c.value("target", "SELECT to_regclass('events_n_2019_06_01')::text").is_none()
+    });
+    assert_eq!(leaves(), vec![format!("events_n_{today}")]);
+    assert!(c.log().contains("cube_dispatcher job rn: dropped partition public.events_n_2019_06_01"));
+    assert_eq!(c.count("target", "events_n"), 1);
 }
