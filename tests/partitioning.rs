@@ -118,6 +118,12 @@ fn event_time_and_current_time() {
     c.start_job("by_event_h", "q", &[("mode", "keep_all"), ("part_mode", "event_time"), ("period", "hour")]);
     c.start_job("now", "q", &[("mode", "keep_all"), ("part_mode", "current_time"), ("period", "year")]);
     c.start_job("by_batch_h", "q", &[("mode", "keep_all"), ("dateformat", "YYYY_MM_DD_HH24\"b\"")]);
+    c.start_job("by_event_d", "q", &[("mode", "keep_all"), ("part_mode", "event_time")]);
+    c.start_job(
+        "now_d",
+        "q",
+        &[("mode", "keep_all"), ("part_mode", "current_time"), ("dateformat", "YYYY_MM_DD\"w\"")],
+    );
     let times = ["2001-02-03 04:05:06+00", "2015-06-30 23:00:00+00", "2015-06-01 00:00:00+00"];
     for (i, t) in times.iter().enumerate() {
         c.source_sql(&format!(
@@ -126,7 +132,7 @@ fn event_time_and_current_time() {
     }
     c.source_sql("INSERT INTO orders VALUES (9, 'today')");
     c.tick("q");
-    for job in ["by_event", "by_event_h", "now", "by_batch_h"] {
+    for job in ["by_event", "by_event_h", "now", "by_batch_h", "by_event_d", "now_d"] {
         c.wait_caught_up("q", job);
     }
     let month = |t: &str| on_source(&c, "orders", &format!("timestamptz '{t}'"), "YYYY_MM");
@@ -141,6 +147,8 @@ fn event_time_and_current_time() {
         .unwrap();
     let batch_hour = on_source(&c, "orders", &format!("timestamptz '{last_tick}'"), "YYYY_MM_DD_HH24\"b\"");
     let row_hour = hour(&row_time);
+    let day = |t: &str| on_source(&c, "orders", &format!("timestamptz '{t}'"), "YYYY_MM_DD");
+    let today_w = on_source(&c, "orders", "now()", "YYYY_MM_DD\"w\"");
     let want = expect(&[
         (month(times[0]), "0", "old0"),
         (month(times[1]), "1", "old1"),
@@ -159,6 +167,15 @@ fn event_time_and_current_time() {
         (batch_hour.clone(), "1", "old1"),
         (batch_hour.clone(), "2", "old2"),
         (batch_hour, "9", "today"),
+        (day(times[0]), "0", "old0"),
+        (day(times[1]), "1", "old1"),
+        (day(times[2]), "2", "old2"),
+        (day(&row_time), "9", "today"),
+        // current_time daily: the day the target wrote them
+        (today_w.clone(), "0", "old0"),
+        (today_w.clone(), "1", "old1"),
+        (today_w.clone(), "2", "old2"),
+        (today_w, "9", "today"),
     ]);
     assert_eq!(partitions(&c, "orders"), want);
 }
