@@ -28,6 +28,19 @@ fn partitions_by(c: &Cluster, parent: &str, column: &str) -> BTreeMap<String, Ve
     out
 }
 
+/// The first column of a query on the target, as text.
+fn column(c: &Cluster, sql: &str) -> Vec<String> {
+    c.query("target", sql).into_iter().map(|r| r[0].clone().unwrap_or_default()).collect()
+}
+
+/// The query's plan scans one partition, this one: the parent prunes.
+fn assert_scans_only(c: &Cluster, query: &str, leaf: &str) {
+    let plan = column(c, &format!("EXPLAIN (COSTS OFF) {query}"));
+    let scans: Vec<&String> = plan.iter().filter(|l| l.contains("Scan on")).collect();
+    assert_eq!(scans.len(), 1, "{plan:#?}");
+    assert!(scans[0].contains(leaf), "{plan:#?}");
+}
+
 fn partitions(c: &Cluster, parent: &str) -> BTreeMap<String, Vec<(String, String)>> {
     partitions_by(c, parent, "txt")
 }
@@ -340,13 +353,10 @@ fn retention_drops_exactly_the_expired_partitions_and_old_events_are_skipped() {
     c.wait_caught_up("q", "r");
     let recent = c.value("source", "SELECT to_char(current_date - 10, 'YYYY_MM_DD')").unwrap();
     let tables = || {
-        c.query(
-            "target",
+        column(
+            &c,
             "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename LIKE 'orders%' ORDER BY 1",
         )
-        .into_iter()
-        .map(|r| r[0].clone().unwrap())
-        .collect::<Vec<_>>()
     };
     let mut want: Vec<String> = vec![
         "orders".into(),
@@ -434,12 +444,7 @@ fn native_partitions_take_rows_into_the_leaf_of_their_period() {
             .as_deref(),
         Some("true")
     );
-    let plan =
-        c.query("target", "EXPLAIN (COSTS OFF) SELECT * FROM orders WHERE day >= '2023-07-01' AND day < '2023-07-02'");
-    let plan: Vec<String> = plan.into_iter().map(|r| r[0].clone().unwrap()).collect();
-    let scanned: Vec<&String> = plan.iter().filter(|l| l.contains("Scan on")).collect();
-    assert_eq!(scanned.len(), 1, "{plan:#?}");
-    assert!(scanned[0].contains("orders_2023_07_01"), "{plan:#?}");
+    assert_scans_only(&c, "SELECT * FROM orders WHERE day >= '2023-07-01' AND day < '2023-07-02'", "orders_2023_07_01");
 }
 
 /// With batch_time, event_time and current_time the job fills a native parent's partition key
@@ -502,11 +507,7 @@ fn native_partitions_keyed_by_the_time_the_job_fills_in() {
         ),
         vec![vec![Some("true".into()), Some("true".into())]]
     );
-    let plan = c.query("target", "EXPLAIN (COSTS OFF) SELECT * FROM b WHERE d = '2001-02-03'");
-    let scans: Vec<String> =
-        plan.into_iter().map(|r| r[0].clone().unwrap()).filter(|l| l.contains("Scan on")).collect();
-    assert_eq!(scans.len(), 1, "{scans:?}");
-    assert!(scans[0].contains("b_2001_02_03"), "{scans:?}");
+    assert_scans_only(&c, "SELECT * FROM b WHERE d = '2001-02-03'", "b_2001_02_03");
 }
 
 /// What a native parent cannot take is a clear error naming it, and nothing is written.
@@ -596,13 +597,7 @@ fn retention_detaches_and_drops_native_partitions() {
     c.wait_caught_up("q", "rn");
     let today = c.value("source", "SELECT to_char(current_date, 'YYYY_MM_DD')").unwrap();
     let leaves = || {
-        c.query(
-            "target",
-            "SELECT inhrelid::regclass::text FROM pg_inherits WHERE inhparent = 'events_n'::regclass ORDER BY 1",
-        )
-        .into_iter()
-        .map(|r| r[0].clone().unwrap())
-        .collect::<Vec<_>>()
+        column(&c, "SELECT inhrelid::regclass::text FROM pg_inherits WHERE inhparent = 'events_n'::regclass ORDER BY 1")
     };
     c.wait_until("the expired partition dropped", std::time::Duration::from_secs(30), || {
         c.value("target", "SELECT to_regclass('events_n_2019_06_01')::text").is_none()
