@@ -3,7 +3,7 @@
 //! one statement per table and column set per chunk, never one per event.
 
 use crate::config::JobConfig;
-use crate::decode::{self, DecodeError, Op, Row, TableName};
+use crate::decode::{self, DecodeError, Format, Op, Row, TableName};
 use crate::event::{Chunks, RawEvent};
 use crate::mode::ModeError;
 use crate::native;
@@ -68,6 +68,8 @@ pub enum EventError {
     PartFieldMissing(String),
     #[error("part_field column {0:?} is NULL")]
     PartFieldNull(String),
+    #[error("a truncate carries no row, so part_mode date_field cannot place it: set ignore_truncate = on, or empty the partitions by hand and skip the event")]
+    TruncateUnplaced,
     #[error("{what} {value:?} is not a time: {cause}")]
     NotATime { what: String, value: String, cause: SqlError },
     #[error("{0}")]
@@ -216,15 +218,32 @@ pub struct BatchWriter<'a> {
     /// Consecutive events mostly repeat the previous one's ev_extra1, suffix and ev_type: reuse
     /// their parsed form instead of parsing and hashing again.
     last_table: Option<(String, Option<String>, usize)>,
-    /// ev_extra1 -> the part_field column of that table
-    last_field: Option<(String, Option<String>)>,
-    last_type: Option<(String, Op, Rc<Vec<String>>)>,
+    /// ev_extra1 -> what the per-table options say for that table
+    last_rules: Option<(String, Rc<TableRules>)>,
+    rules: HashMap<String, Rc<TableRules>>,
+    last_type: Option<(String, Op, Rc<Vec<String>>, Format)>,
     /// partitions created, for the log and the job's list of partitions
     pub created: Vec<Created>,
-    /// events skipped because their partition is past the retention period (ignore_old_events)
-    pub skipped_old: i64,
+    /// events not written, by reason
+    pub skipped: Skipped,
     /// partitions past the retention period, found so (ignore_old_events)
     expired: std::collections::HashSet<TableName>,
+}
+
+/// Events a batch did not write, by reason; counted in the job's status.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Skipped {
+    /// for a partition past the retention period (ignore_old_events)
+    pub old: i64,
+    /// of an operation the job does not apply (event_types, ignore_truncate)
+    pub filtered: i64,
+}
+
+/// What the job's per-table options say for one table, looked up once per table and batch.
+struct TableRules {
+    parent: TableName,
+    part_field: Option<String>,
+    event_types: Option<crate::per_table::EventTypes>,
 }
 
 /// A partition the writer created.
@@ -253,10 +272,11 @@ impl<'a> BatchWriter<'a> {
             partitions: Vec::new(),
             by_name: HashMap::new(),
             last_table: None,
-            last_field: None,
+            last_rules: None,
+            rules: HashMap::new(),
             last_type: None,
             created: Vec::new(),
-            skipped_old: 0,
+            skipped: Skipped::default(),
             expired: Default::default(),
         }
     }
@@ -377,22 +397,40 @@ impl<'a> BatchWriter<'a> {
         }
     }
 
-    /// The part_field column for the event's table (parsed once per run of one table).
-    fn part_field_of(&mut self, ev: &RawEvent) -> Result<Option<String>, EventError> {
-        let Some(TimeOf::Field(field)) = self.placement.time_of() else { return Ok(None) };
+    /// The per-table options for the event's table (ev_extra1 parsed once per table and batch).
+    fn rules_of(&mut self, ev: &RawEvent) -> Result<Rc<TableRules>, EventError> {
         let raw = ev.ev_extra1.as_deref().unwrap_or_default();
-        if let Some((last, column)) = &self.last_field {
+        if let Some((last, rules)) = &self.last_rules {
             if last == raw {
-                return Ok(column.clone());
+                return Ok(rules.clone());
             }
         }
-        let parent = decode::parse_table(ev.ev_extra1.as_deref())?;
-        let column = field.column_for(&parent.schema, &parent.table).map(str::to_string);
-        if column.is_none() {
-            return Err(EventError::NoPartField(route::qualified(&parent, &quote_ident)));
+        let rules = match self.rules.get(raw) {
+            Some(r) => r.clone(),
+            None => {
+                let parent = decode::parse_table(ev.ev_extra1.as_deref())?;
+                let (s, t) = (parent.schema.as_str(), parent.table.as_str());
+                let rules = Rc::new(TableRules {
+                    part_field: self.job.part_field.as_ref().and_then(|f| f.column_for(s, t)).map(str::to_string),
+                    event_types: self.job.event_types.as_ref().and_then(|e| e.for_table(s, t)).copied(),
+                    parent,
+                });
+                self.rules.insert(raw.to_string(), rules.clone());
+                rules
+            }
+        };
+        self.last_rules = Some((raw.to_string(), rules.clone()));
+        Ok(rules)
+    }
+
+    /// The part_field column for the event's table.
+    fn part_field_of(&mut self, ev: &RawEvent) -> Result<Option<String>, EventError> {
+        let Some(TimeOf::Field) = self.placement.time_of() else { return Ok(None) };
+        let rules = self.rules_of(ev)?;
+        match &rules.part_field {
+            None => Err(EventError::NoPartField(route::qualified(&rules.parent, &quote_ident))),
+            column => Ok(column.clone()),
         }
-        self.last_field = Some((raw.to_string(), column.clone()));
-        Ok(column)
     }
 
     /// The time that places the event, where each event has its own.
@@ -400,7 +438,7 @@ impl<'a> BatchWriter<'a> {
         match self.placement.time_of() {
             None => Ok(None),
             Some(TimeOf::EventTime) => Ok(ev.ev_time.as_deref().map(Cow::Borrowed)),
-            Some(TimeOf::Field(_)) => {
+            Some(TimeOf::Field) => {
                 let column = self.part_field_of(ev)?.unwrap_or_default();
                 match row.iter().find(|(c, _)| *c == column) {
                     None => Err(EventError::PartFieldMissing(column)),
@@ -411,17 +449,43 @@ impl<'a> BatchWriter<'a> {
         }
     }
 
-    fn event_type(&mut self, ev: &RawEvent) -> Result<(Op, Rc<Vec<String>>), EventError> {
+    fn event_type(&mut self, ev: &RawEvent) -> Result<(Op, Rc<Vec<String>>, Format), EventError> {
         let raw = ev.ev_type.as_deref().unwrap_or("");
-        if let Some((last, op, pkey)) = &self.last_type {
+        if let Some((last, op, pkey, format)) = &self.last_type {
             if last == raw {
-                return Ok((*op, pkey.clone()));
+                return Ok((*op, pkey.clone(), *format));
             }
         }
         let ty = decode::parse_ev_type(raw)?;
         let pkey = Rc::new(ty.pkey);
-        self.last_type = Some((raw.to_string(), ty.op, pkey.clone()));
-        Ok((ty.op, pkey))
+        self.last_type = Some((raw.to_string(), ty.op, pkey.clone(), ty.format));
+        Ok((ty.op, pkey, ty.format))
+    }
+
+    /// Whether the job applies events of `op` to the event's table (event_types,
+    /// ignore_truncate); what it does not apply is skipped and counted.
+    fn applies(&mut self, ev: &RawEvent, op: Op) -> Result<bool, EventError> {
+        if op == Op::Truncate && self.job.ignore_truncate {
+            return Ok(false);
+        }
+        if self.job.event_types.is_none() {
+            return Ok(true);
+        }
+        Ok(self.rules_of(ev)?.event_types.is_none_or(|t| t.applies(op)))
+    }
+
+    /// An event's row, checked against the mode. A truncate has none.
+    fn row_of<'e>(&self, ev: &'e RawEvent, op: Op, pkey: &[String], format: Format) -> Result<Row<'e>, EventError> {
+        if op == Op::Truncate {
+            self.job.mode.check(op, pkey, &Vec::new())?;
+            if let Some(TimeOf::Field) = self.placement.time_of() {
+                return Err(EventError::TruncateUnplaced);
+            }
+            return Ok(Vec::new());
+        }
+        let row = decode::parse_row(format, ev.ev_data.as_deref())?;
+        self.job.mode.check(op, pkey, &row)?;
+        Ok(row)
     }
 
     /// Decodes, checks, places and routes a run of events. Every failure names the event and its
@@ -440,30 +504,34 @@ impl<'a> BatchWriter<'a> {
         let mut decoded = Vec::with_capacity(events.len());
         let mut times = Vec::new();
         for ev in events {
-            let (op, pkey) = self.event_type(ev).map_err(|e| fail(ev, e))?;
-            let row = decode::parse_row(ev.ev_data.as_deref()).map_err(|e| fail(ev, e.into()))?;
-            self.job.mode.check(op, &pkey, &row).map_err(|e| fail(ev, e.into()))?;
+            let (op, pkey, format) = self.event_type(ev).map_err(|e| fail(ev, e))?;
+            if !self.applies(ev, op).map_err(|e| fail(ev, e))? {
+                self.skipped.filtered += 1;
+                continue;
+            }
+            let row = self.row_of(ev, op, &pkey, format).map_err(|e| fail(ev, e))?;
             if self.placement.time_of().is_some() {
                 times.push(self.time_of(ev, &row).map_err(|e| fail(ev, e))?);
             }
-            decoded.push((op, pkey, row));
+            decoded.push((ev, op, pkey, row));
         }
         if let Err(bad) = self.placement.learn(times.iter().flatten().map(|t| t.as_ref())) {
             let i = times.iter().position(|t| t.as_deref() == Some(bad.text.as_str())).unwrap_or_default();
-            let what = match self.part_field_of(&events[i]) {
+            let ev = decoded[i].0;
+            let what = match self.part_field_of(ev) {
                 Ok(Some(column)) => format!("part_field column {column:?}"),
                 _ => "ev_time".to_string(),
             };
-            return Err(fail(&events[i], EventError::NotATime { what, value: bad.text, cause: bad.cause }));
+            return Err(fail(ev, EventError::NotATime { what, value: bad.text, cause: bad.cause }));
         }
-        let mut changes = Vec::with_capacity(events.len());
-        for (i, (ev, (op, pkey, mut row))) in events.iter().zip(decoded).enumerate() {
+        let mut changes = Vec::with_capacity(decoded.len());
+        for (i, (ev, op, pkey, mut row)) in decoded.into_iter().enumerate() {
             let time = times.get(i).and_then(|t| t.as_deref());
             let Some(dest) = self.destination(ev, &pkey, time)? else {
-                self.skipped_old += 1;
+                self.skipped.old += 1;
                 continue;
             };
-            if let Some(key) = &self.partitions[dest].fill_key {
+            if let (Some(key), false) = (&self.partitions[dest].fill_key, op == Op::Truncate) {
                 let time = batch_time.or(ev.ev_time.as_deref());
                 let time = time.ok_or_else(|| fail(ev, EventError::NoKeyTime(key.clone())))?;
                 fill(&mut row, key, time);
@@ -475,7 +543,8 @@ impl<'a> BatchWriter<'a> {
 
     /// The suffix an event was given, if it got that far (dead letters keep it for the replay).
     pub fn suffix_of(&mut self, ev: &RawEvent) -> Option<String> {
-        let row = decode::parse_row(ev.ev_data.as_deref()).ok()?;
+        let (op, pkey, format) = self.event_type(ev).ok()?;
+        let row = self.row_of(ev, op, &pkey, format).ok()?;
         let time = self.time_of(ev, &row).ok()?;
         self.placement.suffix(time.as_deref()).map(str::to_string)
     }
@@ -601,20 +670,53 @@ impl<'a> BatchWriter<'a> {
     fn apply_as_owner(&mut self, events: &[RawEvent], leave_open: bool) -> Result<Option<OpenCopy>, ApplyError> {
         let batch_time = self.placement.batch_time().map(str::to_string);
         let changes = self.changes(events, batch_time.as_deref())?;
-        let plan = plan::plan(&changes, self.job.mode);
+        if changes.iter().any(|c| c.op == Op::Truncate) {
+            // a truncate is a barrier: what came before it is written, then emptied
+            for run in changes.split_inclusive(|c| c.op == Op::Truncate) {
+                match run.split_last() {
+                    Some((t, before)) if t.op == Op::Truncate => {
+                        self.write_planned(before, false)?;
+                        self.empty(t)?;
+                    }
+                    _ => {
+                        self.write_planned(run, false)?;
+                    }
+                }
+            }
+            return Ok(None);
+        }
+        // the raw table name is what later chunks are compared with
+        let table = events.first().and_then(|e| e.ev_extra1.as_deref()).unwrap_or_default();
+        let leave_open = leave_open && events.iter().all(|e| e.ev_extra1.as_deref() == Some(table));
+        Ok(self.write_planned(&changes, leave_open)?.map(|mut o| {
+            o.key.table = table.to_string();
+            o
+        }))
+    }
+
+    /// Writes a run of changes set-based: keep_latest's deletes, then the inserts.
+    fn write_planned(&self, changes: &[Change], leave_open: bool) -> Result<Option<OpenCopy>, ApplyError> {
+        let plan = plan::plan(changes, self.job.mode);
         for d in &plan.deletes {
             self.delete(d)?;
         }
         let leave_open = leave_open && plan.deletes.is_empty() && plan.inserts.len() == 1;
         let mut open = None;
         for g in &plan.inserts {
-            open = self.insert(g, &changes, leave_open)?;
+            open = self.insert(g, changes, leave_open)?;
         }
-        // the raw table name is what later chunks are compared with
-        Ok(open.map(|mut o| {
-            o.key.table = events[0].ev_extra1.as_deref().unwrap_or_default().to_string();
-            o
-        }))
+        Ok(open)
+    }
+
+    /// A truncate in keep_latest: the partition it is placed in no longer holds any row of the
+    /// table's latest versions. DELETE, not TRUNCATE: it needs only the privilege keep_latest
+    /// needs anyway, takes no ACCESS EXCLUSIVE lock, and is undone with the batch.
+    fn empty(&self, t: &Change) -> Result<(), ApplyError> {
+        let part = &self.partitions[t.dest];
+        run_sql(&format!("DELETE FROM {}", part.qualified), &[])
+            .map_err(|cause| self.statement_error(t.ev_id, t.ev_id, part, cause))?;
+        pgrx::log!("cube_dispatcher {}: event {} (TRUNCATE) emptied {}", self.job.job_name, t.ev_id, part.qualified);
+        Ok(())
     }
 
     /// Writes the COPY text of `events` into `out` when every one of them continues `open`: same
@@ -625,10 +727,10 @@ impl<'a> BatchWriter<'a> {
         if events.is_empty() || events.iter().any(|e| e.ev_extra1.as_deref() != Some(open.table.as_str())) {
             return None;
         }
-        let skipped_before = self.skipped_old;
+        let skipped_before = self.skipped;
         let batch_time = self.placement.batch_time().map(str::to_string);
         let Ok(changes) = self.changes(events, batch_time.as_deref()) else {
-            self.skipped_old = skipped_before;
+            self.skipped = skipped_before;
             return None;
         };
         let same = |ch: &Change| {
@@ -638,7 +740,7 @@ impl<'a> BatchWriter<'a> {
         };
         if !changes.iter().all(same) {
             // the chunk goes the ordinary way, and is counted there
-            self.skipped_old = skipped_before;
+            self.skipped = skipped_before;
             return None;
         }
         push_rows(out, changes.iter().map(|c| &c.row));

@@ -161,7 +161,7 @@ pub fn run(
         for p in &writer.created {
             state::record_partition(&cfg.job_name, p);
         }
-        state::record_batch(&cfg.job_name, &info, written.events, writer.skipped_old, recent_eps);
+        state::record_batch(&cfg.job_name, &info, written.events, &writer.skipped, recent_eps);
         Ok(Some((info, Some((written, std::mem::take(&mut writer.created), Instant::now())))))
     })
     .map_err(|e: BatchError| e.in_batch(batch_id))?;

@@ -6,6 +6,7 @@
 //! resulting strings, so it is tested without a server.
 
 use crate::mode::Mode;
+use crate::per_table::{EventTypes, PerTable};
 use crate::placement::{DateFormat, PartField, PartMode, Period, Retention};
 use std::collections::BTreeMap;
 use thiserror::Error;
@@ -284,9 +285,9 @@ impl TextValue for TableList {
     }
 }
 
-impl TextValue for PartField {
+impl<T: crate::per_table::EntryValue> TextValue for crate::per_table::PerTable<T> {
     fn from_text(text: &str) -> Result<Self, String> {
-        PartField::parse(text).map_err(str::to_string)
+        Self::parse(text)
     }
     fn text(&self) -> &str {
         &self.text
@@ -381,6 +382,10 @@ options! {
         "allow-list of parent tables: schema.table or schema.*, comma-separated";
     lock_timeout: f64, Seconds<false>, Unset::Value("60"), Reload,
         "seconds a write waits for a lock on a target table before the batch is retried";
+    event_types: Option<PerTable<EventTypes>>, Parsed, Unset::Means("all: I, U and D"), NextBatch,
+        "operations applied: I, U, D separated by ',', or per table schema.table:I,U;...; others are skipped";
+    ignore_truncate: bool, Bool, Unset::Value("off"), NextBatch,
+        "on: TRUNCATE events are skipped; off: keep_latest empties the event's partition, keep_all refuses";
 }
 
 /// A setting as found: its text if set, and where it is (or would be) set, for errors.

@@ -143,7 +143,7 @@ mod tests {
     /// The COPY text of each value of ev_data, each followed by '|'.
     fn copy_text(ev_data: &str) -> String {
         let mut buf = Vec::new();
-        for (_, v) in &parse_row(Some(ev_data)).unwrap() {
+        for (_, v) in &parse_row(crate::decode::Format::Url, Some(ev_data)).unwrap() {
             push_value(&mut buf, *v);
             buf.push(b'|');
         }

@@ -1,5 +1,9 @@
-//! The pgq.logutriga event format: `ev_type`, the url-encoded row in `ev_data`, the table in
-//! `ev_extra1`. Pure Rust so it is tested without a server.
+//! The two event formats PgQ's triggers write, told apart per event: pgq.logutriga's (`I:id` in
+//! `ev_type`, the url-encoded row in `ev_data`) and pgq.jsontriga's (JSON in both, see `json`).
+//! Both put the table in `ev_extra1` and decode to the same `Row`, so nothing after this module
+//! knows which trigger made an event. Pure Rust so it is tested without a server.
+
+mod json;
 
 use percent_encoding::percent_decode;
 use std::borrow::Cow;
@@ -10,6 +14,17 @@ pub enum Op {
     Insert,
     Update,
     Delete,
+    /// TRUNCATE of the table (logutriga `R`, jsontriga `{"op":"TRUNCATE"}`): no row
+    Truncate,
+}
+
+/// Which trigger made an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Format {
+    /// pgq.logutriga: url-encoded
+    Url,
+    /// pgq.jsontriga: JSON
+    Json,
 }
 
 /// `ev_type` split into the operation and the primary-key columns logutriga listed.
@@ -17,6 +32,8 @@ pub enum Op {
 pub struct EventType {
     pub op: Op,
     pub pkey: Vec<String>,
+    /// how ev_data is encoded
+    pub format: Format,
 }
 
 /// A table name as the trigger sent it: raw, unquoted.
@@ -55,6 +72,7 @@ static NOTABLE: [bool; 256] = {
 const DECODING: u8 = 1; // has '%' escapes or '+'
 const COPY_ESCAPES: u8 = 2; // decodes to a byte COPY text must escape: \ \n \r \t
 const LITERAL: u8 = 4; // not url-encoded at all (Encoded::literal)
+const JSON: u8 = 8; // a JSON string with escapes, quotes included; decoding unescapes it
 
 impl<'a> Encoded<'a> {
     /// No escapes: the text is its own decoding.
@@ -77,6 +95,9 @@ impl<'a> Encoded<'a> {
         if let Some(p) = self.plain() {
             return Cow::Borrowed(p);
         }
+        if self.needs & JSON != 0 {
+            return Cow::Owned(json::unescape(self.raw));
+        }
         let mut out = Vec::with_capacity(self.raw.len());
         self.decode_into(&mut out);
         // checked by parse_row
@@ -96,6 +117,10 @@ impl<'a> Encoded<'a> {
             out.extend_from_slice(p.as_bytes());
             return;
         }
+        if self.needs & JSON != 0 {
+            out.extend_from_slice(json::unescape(self.raw).as_bytes());
+            return;
+        }
         for (n, segment) in self.raw.as_bytes().split(|&b| b == b'+').enumerate() {
             if n > 0 {
                 out.push(b' ');
@@ -108,6 +133,10 @@ impl<'a> Encoded<'a> {
     pub fn decode_each(&self, mut f: impl FnMut(u8)) {
         if let Some(p) = self.plain() {
             p.bytes().for_each(f);
+            return;
+        }
+        if self.needs & JSON != 0 {
+            json::unescape(self.raw).bytes().for_each(f);
             return;
         }
         for (n, segment) in self.raw.as_bytes().split(|&b| b == b'+').enumerate() {
@@ -168,7 +197,7 @@ impl<'a> Encoded<'a> {
 pub enum DecodeError {
     #[error("ev_type is empty")]
     EmptyType,
-    #[error("unknown operation {0:?} in ev_type (expected I, U or D)")]
+    #[error("unknown operation {0:?} in ev_type")]
     UnknownOp(String),
     #[error("ev_type {0:?} lists an empty primary key column name")]
     EmptyPkeyColumn(String),
@@ -184,12 +213,20 @@ pub enum DecodeError {
     EmptyColumn,
     #[error("ev_data is missing")]
     NoData,
+    #[error("{what} is not valid JSON: {why}")]
+    BadJson { what: &'static str, why: String },
+    #[error("{what} holds a NUL character, which PostgreSQL text cannot hold")]
+    Nul { what: &'static str },
 }
 
-/// `I:id,name` / `U:` / `D` (a bare op is accepted, as the original did).
+/// logutriga's `I:id,name` / `U:` / `D` / `R` (a bare op is accepted, as the original did), or
+/// jsontriga's `{"op":"INSERT","table":[..],"pkey":[..]}`.
 pub fn parse_ev_type(ev_type: &str) -> Result<EventType, DecodeError> {
     if ev_type.is_empty() {
         return Err(DecodeError::EmptyType);
+    }
+    if ev_type.starts_with('{') {
+        return json::parse_type(ev_type);
     }
     let (op, keys) = match ev_type.split_once(':') {
         Some((op, keys)) => (op, keys),
@@ -199,6 +236,7 @@ pub fn parse_ev_type(ev_type: &str) -> Result<EventType, DecodeError> {
         "I" => Op::Insert,
         "U" => Op::Update,
         "D" => Op::Delete,
+        "R" => Op::Truncate,
         other => return Err(DecodeError::UnknownOp(other.to_string())),
     };
     let pkey = if keys.is_empty() {
@@ -210,7 +248,7 @@ pub fn parse_ev_type(ev_type: &str) -> Result<EventType, DecodeError> {
         }
         cols
     };
-    Ok(EventType { op, pkey })
+    Ok(EventType { op, pkey, format: Format::Url })
 }
 
 /// `schema.table`, split at the first '.'; without a '.', the table is in `public`
@@ -227,10 +265,18 @@ pub fn parse_table(ev_extra1: Option<&str>) -> Result<TableName, DecodeError> {
     Ok(TableName { schema: schema.to_string(), table: table.to_string() })
 }
 
+/// The row in ev_data, as the trigger that made the event encoded it.
+pub fn parse_row(format: Format, ev_data: Option<&str>) -> Result<Row<'_>, DecodeError> {
+    let data = ev_data.ok_or(DecodeError::NoData)?;
+    match format {
+        Format::Url => parse_url_row(data),
+        Format::Json => json::parse_row(data),
+    }
+}
+
 /// logutriga's url encoding: `a=1&b&c=` is a=1, b NULL, c ''. '+' is a space, `%XX` a byte;
 /// names are encoded the same way as values.
-pub fn parse_row(ev_data: Option<&str>) -> Result<Row<'_>, DecodeError> {
-    let data = ev_data.ok_or(DecodeError::NoData)?;
+fn parse_url_row(data: &str) -> Result<Row<'_>, DecodeError> {
     let mut row: Row = Vec::with_capacity(16);
     if data.is_empty() {
         return Ok(row);
@@ -291,6 +337,7 @@ mod tests {
             ("I:", Ok((Op::Insert, &[]))),
             ("I", Ok((Op::Insert, &[]))),
             ("D", Ok((Op::Delete, &[]))),
+            ("R", Ok((Op::Truncate, &[]))),
             ("U:Camel Case,x", Ok((Op::Update, &["Camel Case", "x"]))),
             ("", Err(DecodeError::EmptyType)),
             ("X:id", Err(DecodeError::UnknownOp("X".into()))),
@@ -301,6 +348,7 @@ mod tests {
         ];
         for (input, want) in cases {
             let got = parse_ev_type(input).map(|t| (t.op, t.pkey));
+            assert!(got.is_err() || parse_ev_type(input).unwrap().format == Format::Url);
             let want = want.clone().map(|(op, k)| (op, k.iter().map(|c| c.to_string()).collect::<Vec<_>>()));
             assert_eq!(got, want, "ev_type {input:?}");
         }
@@ -354,10 +402,10 @@ mod tests {
             ("a=1&&b=2", Err(DecodeError::EmptyColumn)),
         ];
         for (input, want) in cases {
-            let got = parse_row(Some(input))
+            let got = parse_row(Format::Url, Some(input))
                 .map(|r| r.into_iter().map(|(n, v)| (n, v.map(|e| e.decoded()))).collect::<Vec<_>>());
             assert_eq!(&got, want, "ev_data {input:?}");
         }
-        assert_eq!(parse_row(None).unwrap_err(), DecodeError::NoData);
+        assert_eq!(parse_row(Format::Url, None).unwrap_err(), DecodeError::NoData);
     }
 }

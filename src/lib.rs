@@ -8,6 +8,7 @@ mod copy_in;
 mod decode;
 mod event;
 mod mode;
+mod per_table;
 mod placement;
 mod plan;
 mod route;

@@ -18,6 +18,8 @@ pub enum Mode {
 pub enum ModeError {
     #[error("delete not supported in keep_all mode")]
     DeleteInKeepAll,
+    #[error("truncate not supported in keep_all mode (its partitions keep history); set ignore_truncate = on to skip truncates")]
+    TruncateInKeepAll,
     #[error("keep_latest needs primary key columns, but ev_type lists none")]
     NoPrimaryKey,
     #[error("primary key column {0:?} is missing from ev_data")]
@@ -35,11 +37,14 @@ impl crate::config::Word for Mode {
 }
 
 impl Mode {
-    /// Checks an event before it is written: keep_all cannot delete (as in the original),
-    /// keep_latest needs the key to find the row it replaces.
+    /// Checks an event before it is written: keep_all cannot delete (as in the original), nor
+    /// truncate; keep_latest needs the key to find the row it replaces, and empties the event's
+    /// partition on a truncate (see apply).
     pub fn check(self, op: Op, pkey: &[String], row: &Row) -> Result<(), ModeError> {
         match self {
             Mode::KeepAll if op == Op::Delete => Err(ModeError::DeleteInKeepAll),
+            Mode::KeepAll if op == Op::Truncate => Err(ModeError::TruncateInKeepAll),
+            Mode::KeepLatest if op == Op::Truncate => Ok(()),
             Mode::KeepAll => Ok(()),
             Mode::KeepLatest if pkey.is_empty() => Err(ModeError::NoPrimaryKey),
             Mode::KeepLatest => match pkey.iter().find(|k| !row.iter().any(|(c, _)| c == *k)) {
@@ -97,9 +102,11 @@ mod tests {
 
     #[test]
     fn each_mode_refuses_what_it_cannot_write() {
-        let row = parse_row(Some("id=1&txt=x")).unwrap();
+        let row = parse_row(crate::decode::Format::Url, Some("id=1&txt=x")).unwrap();
         let id = ["id".to_string()];
         assert_eq!(Mode::KeepAll.check(Op::Delete, &id, &row), Err(ModeError::DeleteInKeepAll));
+        assert_eq!(Mode::KeepAll.check(Op::Truncate, &id, &vec![]), Err(ModeError::TruncateInKeepAll));
+        assert_eq!(Mode::KeepLatest.check(Op::Truncate, &[], &vec![]), Ok(()));
         assert_eq!(Mode::KeepAll.check(Op::Insert, &[], &row), Ok(()));
         assert_eq!(Mode::KeepLatest.check(Op::Update, &[], &row), Err(ModeError::NoPrimaryKey));
         assert_eq!(

@@ -4,7 +4,7 @@
 //! every part_mode names partitions the way batch_time always did (on the source).
 
 use crate::config::JobConfig;
-use crate::placement::{PartField, PartMode};
+use crate::placement::PartMode;
 use crate::source::BatchInfo;
 use crate::tx::{in_subtransaction, SqlError, SubError};
 use pgrx::prelude::*;
@@ -22,7 +22,8 @@ pub enum Placement {
 /// Which time of an event places it.
 pub enum TimeOf {
     EventTime,
-    Field(PartField),
+    /// part_field's column of the event's table
+    Field,
 }
 
 /// A time that PostgreSQL would not read as one.
@@ -81,12 +82,11 @@ impl Placement {
 
     fn for_mode(cfg: &JobConfig, format: String) -> Placement {
         let per_event = |time| Placement::PerEvent { format: format.clone(), time, known: HashMap::new() };
-        match (cfg.part_mode, &cfg.part_field) {
-            (PartMode::EventTime, _) => per_event(TimeOf::EventTime),
-            (PartMode::DateField, Some(field)) => per_event(TimeOf::Field(field.clone())),
-            (PartMode::DateField, None) => unreachable!("JobConfig::read requires part_field for date_field"),
+        match cfg.part_mode {
+            PartMode::EventTime => per_event(TimeOf::EventTime),
+            PartMode::DateField => per_event(TimeOf::Field),
             // the batch transaction's start: every event of the batch in one partition
-            (PartMode::CurrentTime | PartMode::BatchTime, _) => {
+            PartMode::CurrentTime | PartMode::BatchTime => {
                 let (suffix, time) = Spi::get_two_with_args::<String, String>(
                     "SELECT to_char(now(), $1), now()::text",
                     &[format.as_str().into()],

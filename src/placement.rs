@@ -101,53 +101,8 @@ pub enum DateFormat {
     Format(String),
 }
 
-/// `part_field`: the column whose time picks the partition, one for every table (`created_at`)
-/// or per table (`public.orders:ordered_at; shipped_at`); an entry without a `schema.table:`
-/// prefix applies to every table not listed, a table without a schema is in `public`. Names are
-/// as logutriga writes them (unquoted, exact case).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PartField {
-    pub text: String,
-    any_table: Option<String>,
-    tables: Vec<(String, String, String)>,
-}
-
-impl PartField {
-    pub fn parse(text: &str) -> Result<PartField, &'static str> {
-        let mut any_table = None;
-        let mut tables = Vec::new();
-        for entry in text.split(';').map(str::trim).filter(|e| !e.is_empty()) {
-            match entry.split_once(':') {
-                None if any_table.is_some() => return Err("more than one entry without a table"),
-                None => any_table = Some(entry.to_string()),
-                Some((table, column)) => {
-                    let (table, column) = (table.trim(), column.trim());
-                    let (schema, table) = table.split_once('.').unwrap_or(("public", table));
-                    if schema.is_empty() || table.is_empty() || column.is_empty() {
-                        return Err("expected column, or entries schema.table:column separated by ';'");
-                    }
-                    if tables.iter().any(|(s, t, _)| s == schema && t == table) {
-                        return Err("a table is listed twice");
-                    }
-                    tables.push((schema.to_string(), table.to_string(), column.to_string()));
-                }
-            }
-        }
-        if any_table.is_none() && tables.is_empty() {
-            return Err("expected a column name");
-        }
-        Ok(PartField { text: text.to_string(), any_table, tables })
-    }
-
-    /// The column that places rows of `schema.table`, if any.
-    pub fn column_for(&self, schema: &str, table: &str) -> Option<&str> {
-        self.tables
-            .iter()
-            .find(|(s, t, _)| s == schema && t == table)
-            .map(|(_, _, c)| c.as_str())
-            .or(self.any_table.as_deref())
-    }
-}
+/// `part_field`: the column whose time places a row, for every table or per table.
+pub type PartField = crate::per_table::PerTable<String>;
 
 /// `retention_period`: how long partitions are kept after their period ended, as PostgreSQL
 /// reads an interval: one or more `<number> <unit>` (`90 days`, `3 months`, `1 year 6 months`).
@@ -204,17 +159,4 @@ mod tests {
         }
     }
 
-    #[test]
-    fn part_field_per_table() {
-        let f = PartField::parse("public.orders:ordered_at; Sales.Lines : Shipped At ; created").unwrap();
-        assert_eq!(f.column_for("public", "orders"), Some("ordered_at"));
-        assert_eq!(f.column_for("Sales", "Lines"), Some("Shipped At"));
-        assert_eq!(f.column_for("public", "items"), Some("created"));
-        let f = PartField::parse("items:d").unwrap();
-        assert_eq!((f.column_for("public", "items"), f.column_for("public", "orders")), (Some("d"), None));
-        assert_eq!(PartField::parse("day").unwrap().column_for("any", "table"), Some("day"));
-        for bad in ["", " ; ", "a;b", "t:", ":c", "s.:c", "t:a;t:b", "public.t:a;t:b"] {
-            assert!(PartField::parse(bad).is_err(), "{bad:?}");
-        }
     }
-}

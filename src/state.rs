@@ -121,12 +121,12 @@ pub fn last_tick(job: &str) -> Option<i64> {
 }
 
 /// Runs in the batch's own transaction: the batch is done exactly when its rows are committed.
-pub fn record_batch(job: &str, info: &BatchInfo, events: i64, skipped_old: i64, recent_eps: f64) {
+pub fn record_batch(job: &str, info: &BatchInfo, events: i64, skipped: &crate::apply::Skipped, recent_eps: f64) {
     crate::spi::run(
         "UPDATE cube_dispatcher.job_state SET last_tick_id = $2, last_batch_id = $3, last_batch_end = $4::timestamptz,
                 batches_done = batches_done + 1, events_done = events_done + $5, lag = $6::interval,
                 recent_eps = $7, state = 'running', last_batch_at = clock_timestamp(), updated_at = now(),
-                old_events_skipped = old_events_skipped + $8
+                old_events_skipped = old_events_skipped + $8, events_skipped = events_skipped + $9
           WHERE job_name = $1",
         &[
             job.into(),
@@ -136,7 +136,8 @@ pub fn record_batch(job: &str, info: &BatchInfo, events: i64, skipped_old: i64, 
             events.into(),
             info.lag.clone().into(),
             recent_eps.into(),
-            skipped_old.into(),
+            skipped.old.into(),
+            skipped.filtered.into(),
         ],
     )
 }

@@ -25,6 +25,7 @@ const RELEASES: &[Release] = &[
     // 0.1.0 raised every refusal as XX000
     Release { version: "0.1.0", commit: "0d309bf40c013ca1b2e77756cbe1752b0e850e51", unknown_job: "XX000" },
     Release { version: "0.2.0", commit: "7d808281fd28326298469de9a49a14b25b4a5214", unknown_job: "42704" },
+    Release { version: "0.3.0", commit: "6ab7b1b9bd030e4d93729f91cc24530dc56c139f", unknown_job: "42704" },
 ];
 const ORDERS: &str = "CREATE TABLE orders (id int PRIMARY KEY, txt text)";
 
