@@ -516,7 +516,7 @@ pub fn check_names<'n>(job: &str, names: impl Iterator<Item = &'n str>, server: 
 }
 
 /// The option `name` is closest to, at most two edits away (Levenshtein).
-fn nearest_option(name: &str) -> Option<&'static str> {
+pub(crate) fn nearest_option(name: &str) -> Option<&'static str> {
     let distance = |a: &str, b: &str| {
         let b: Vec<char> = b.chars().collect();
         let mut row: Vec<usize> = (0..=b.len()).collect();
@@ -653,7 +653,7 @@ pub fn dst_db_name(conninfo: &str) -> Option<String> {
 }
 
 /// key=value pairs of a libpq connection string, values unquoted ('...' with \' and \\).
-fn conninfo_pairs(s: &str) -> Vec<(String, String)> {
+pub(crate) fn conninfo_pairs(s: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let mut chars = s.chars().peekable();
     loop {

@@ -7,6 +7,7 @@ mod config;
 mod copy_in;
 mod decode;
 mod event;
+mod ini;
 mod mode;
 mod per_table;
 mod placement;
