@@ -211,4 +211,73 @@ mod tests {
         let options = Spi::get_one::<i64>("SELECT count(*) FROM cube_dispatcher.options()").unwrap();
         assert_eq!(options, Some(crate::config::SCHEMA.len() as i64));
     }
+
+    #[pg_test]
+    fn one_chunk_of_both_formats_with_a_truncate_in_it() {
+        Spi::run("CREATE TABLE orders (id int PRIMARY KEY, txt text, j jsonb)").unwrap();
+        let cfg = job(Mode::KeepLatest, None);
+        let mut w = BatchWriter::new(&cfg, me(), Placement::fixed(Some("2026_12_02".into())));
+        let json = |op: &str| format!(r#"{{"op":"{op}","table":["public","orders"],"pkey":["id"]}}"#);
+        let (ins, upd, trunc) = (json("INSERT"), json("UPDATE"), json("TRUNCATE"));
+        let events = vec![
+            ev(1, &ins, r#"{"id":1,"txt":"tab\there \"q\" \\ \u00e9","j":"{\"a\": [1, 2]}"}"#, "public.orders"),
+            ev(2, "I:id", "id=2&txt=url+row&j=%7b%7d", "public.orders"),
+            ev(3, &trunc, "{}", "public.orders"),
+            ev(4, "I:id", "id=4&txt=after", "public.orders"),
+            ev(5, &ins, r#"{"id":5,"txt":null,"j":null}"#, "public.orders"),
+            ev(6, &upd, r#"{"id":4,"txt":"after, updated","j":"[true]"}"#, "public.orders"),
+        ];
+        w.apply(&events).unwrap();
+        assert_eq!(
+            rows("SELECT id || '|' || coalesce(txt, 'NULL') || '|' || coalesce(j::text, 'NULL') FROM orders_2026_12_02 ORDER BY id"),
+            vec!["4|after, updated|[true]", "5|NULL|NULL"]
+        );
+        // the same rows without the truncate: every JSON value reads back as it was sent
+        w.apply(&events[..2]).unwrap();
+        assert_eq!(
+            rows("SELECT txt || '|' || j::text FROM orders_2026_12_02 WHERE id < 3 ORDER BY id"),
+            vec!["tab\there \"q\" \\ é|{\"a\": [1, 2]}", "url row|{}"]
+        );
+    }
+
+    #[pg_test]
+    fn import_ini_gives_statements_that_set_the_job_up() {
+        let ini = "[cube_dispatcher]\njob_name = bi_cube\nsrc_db = host=/tmp port=5432 dbname=src\n\
+                   pgq_queue_name = q\nmode = keep_all\nlogfile = ~/log/%(job_name)s.log\n\
+                   part_template = create table _DEST_TABLE (like _PARENT);\n   comment on table _DEST_TABLE is 'it''s \\ here';\n";
+        let got: Vec<String> = Spi::connect(|c| {
+            let rows = c.select("SELECT statement FROM cube_dispatcher.import_ini($1)", None, &[ini.into()])?;
+            rows.map(|r| r.get::<String>(1).map(Option::unwrap_or_default)).collect::<Result<_, _>>()
+        })
+        .unwrap();
+        let db = Spi::get_one::<String>("SELECT current_database()::text").unwrap().unwrap();
+        let alter = |opt: &str, v: &str| format!("ALTER DATABASE {} SET cube_dispatcher.bi_cube.{opt} = {v};", quote_ident(&db));
+        assert!(got.contains(&alter("mode", "'keep_all'")), "{got:#?}");
+        assert!(got.contains(&alter("src_db", "'host=/tmp port=5432 dbname=src'")), "{got:#?}");
+        assert!(got.iter().any(|s| s.starts_with("-- logfile") && s.contains("~/log/bi_cube.log")), "{got:#?}");
+        // quotes and backslashes survive PostgreSQL's quoting: run the statements and read them back
+        for s in got.iter().filter(|s| s.starts_with("ALTER")) {
+            Spi::run(s).unwrap();
+        }
+        let template = Spi::get_one::<String>(
+            "SELECT substr(c, strpos(c, '=') + 1) FROM pg_db_role_setting s, unnest(s.setconfig) c
+              WHERE s.setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database())
+                AND c LIKE 'cube_dispatcher.bi_cube.part_template=%'",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(template, "\ncreate table _DEST_TABLE (like _PARENT);\ncomment on table _DEST_TABLE is 'it''s \\ here';");
+        // an unknown key: a configuration file error naming it
+        let err = crate::tx::in_subtransaction(|| {
+            Spi::run("SELECT * FROM cube_dispatcher.import_ini('[cube_dispatcher]
+job_name = x
+modee = keep_all')")
+        });
+        let err = match err {
+            Err(crate::tx::SubError::Raised(e)) => format!("{:?} {}", e.code, e.message),
+            other => panic!("expected an error, got {:?}", other.is_ok()),
+        };
+        assert!(err.starts_with("ERRCODE_CONFIG_FILE_ERROR"), "{err}");
+        assert!(err.contains("modee"), "{err}");
+    }
 }

@@ -1,5 +1,18 @@
 -- 0.3.0 -> 0.4.0: events of operations a job does not apply (event_types, ignore_truncate) are
--- counted in job_state and the status view.
+-- counted in job_state and the status view; import_ini() translates a Skytools ini file.
+
+CREATE FUNCTION cube_dispatcher."import_ini"(
+	"ini" TEXT
+) RETURNS TABLE (
+	"statement" TEXT
+)
+STRICT
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'import_ini_wrapper';
+
+-- Changes nothing, reads nothing but its argument: anyone may call it.
+REVOKE EXECUTE ON FUNCTION cube_dispatcher.import_ini(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cube_dispatcher.import_ini(text) TO PUBLIC;
 
 ALTER TABLE cube_dispatcher.job_state ADD COLUMN events_skipped bigint NOT NULL DEFAULT 0;
 

@@ -3,5 +3,5 @@
 -- needs (see README, "Privileges").
 REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA cube_dispatcher FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cube_dispatcher.mask_password(text), cube_dispatcher.shown_options(jsonb, boolean),
-    cube_dispatcher.options() TO PUBLIC;
+    cube_dispatcher.options(), cube_dispatcher.import_ini(text) TO PUBLIC;
 REVOKE ALL ON cube_dispatcher.status FROM PUBLIC;

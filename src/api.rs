@@ -38,6 +38,8 @@ enum ApiError {
     Launch(#[from] worker::LaunchError),
     #[error("cube_dispatcher: {0}")]
     Outdated(state::Outdated),
+    #[error("cube_dispatcher: import_ini: {0}")]
+    Ini(#[from] crate::ini::IniError),
 }
 
 impl ApiError {
@@ -53,6 +55,7 @@ impl ApiError {
             ApiError::Register { cause, .. } => cause.code,
             ApiError::Launch(e) => e.sqlstate(),
             ApiError::Outdated(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            ApiError::Ini(_) => ERRCODE_CONFIG_FILE_ERROR,
         }
     }
 
@@ -272,6 +275,34 @@ fn options() -> TableIterator<
 
 /// A job's stored options as the status view shows them: connection strings masked, or null
 /// for those who may not see them.
+/// The statements that set up, as GUCs, the job a Skytools ini file's `[cube_dispatcher]`
+/// section describes: one row each, in the file's order, with comments for what is dropped.
+/// Changes nothing itself.
+#[pg_extern(strict)]
+fn import_ini(ini: &str) -> TableIterator<'static, (name!(statement, String),)> {
+    let rows = edge(|| {
+        let db = crate::spi::value::<String>("SELECT pg_catalog.current_database()::text", &[]).unwrap_or_default();
+        Ok(crate::ini::import(ini, &db)?)
+    });
+    TableIterator::new(rows.into_iter().map(|row| {
+        (match row {
+            crate::ini::Imported::Setting { database, guc, value } => {
+                // guc is cube_dispatcher.<validated job>.<declared option>: nothing to quote
+                format!("ALTER DATABASE {} SET {guc} = {};", crate::apply::quote_ident(&database), quote_literal(&value))
+            }
+            crate::ini::Imported::Comment(text) => format!("-- {text}"),
+        },)
+    }))
+}
+
+/// PostgreSQL's quote_literal(): E'' syntax where backslashes need it.
+fn quote_literal(text: &str) -> String {
+    // import() never returns NUL: ini text comes from a text argument
+    let c = std::ffi::CString::new(text).expect("text without NUL");
+    // SAFETY: quote_literal_cstr returns a palloc'd, NUL-terminated copy
+    unsafe { std::ffi::CStr::from_ptr(pg_sys::quote_literal_cstr(c.as_ptr())) }.to_string_lossy().into_owned()
+}
+
 #[pg_extern(immutable, parallel_safe, strict)]
 fn shown_options(options: pgrx::JsonB, connections: bool) -> pgrx::JsonB {
     let mut options = options.0;

@@ -10,8 +10,6 @@
 //! (Python 2's ConfigParser kept the last, Python 3's refuses the file). `${name}` interpolation is not
 //! read: it needs `config_format = 2`, which python-skytools added in 2021 and which never ran
 //! cube_dispatcher.
-// Until api.rs calls import(): only the tests use this module.
-#![cfg_attr(not(test), allow(dead_code))]
 
 use crate::config::{self, SCHEMA};
 use thiserror::Error;

@@ -40,6 +40,7 @@ const fn case(
 }
 
 const ORDERS: Option<&str> = Some("public.orders");
+const JSON_INSERT: &str = r#"{"op":"INSERT","table":["public","orders"],"pkey":["id"]}"#;
 
 fn cases() -> Vec<Case> {
     let long: &'static str = Box::leak(format!("public.{}", "t".repeat(60)).into_boxed_str());
@@ -59,6 +60,18 @@ fn cases() -> Vec<Case> {
                 &["table public.orders", "delete not supported in keep_all mode"],
             )
         },
+        Case {
+            mode: "keep_all",
+            ev_data: None,
+            ..case("truncate_keep_all", "R", "", ORDERS, &["table public.orders", "truncate not supported in keep_all mode", "ignore_truncate"])
+        },
+        case("json_malformed", JSON_INSERT, r#"{"id":1,"txt":"a""#, ORDERS, &["table public.orders", "ev_data is not valid JSON: EOF"]),
+        case("json_not_an_object", JSON_INSERT, r#"[1,"a"]"#, ORDERS, &["table public.orders", "ev_data is not valid JSON", "expected an object"]),
+        case("json_nul", JSON_INSERT, r#"{"id":1,"txt":"a\u0000"}"#, ORDERS, &["table public.orders", "a value holds a NUL character"]),
+        case("json_type_no_op", r#"{"table":["public","orders"],"pkey":["id"]}"#, r#"{"id":1}"#, ORDERS, &["table public.orders", "ev_type is not valid JSON: missing field `op`"]),
+        case("json_type_no_table", r#"{"op":"INSERT","pkey":["id"]}"#, r#"{"id":1}"#, ORDERS, &["missing field `table`"]),
+        case("json_type_no_pkey", r#"{"op":"INSERT","table":["public","orders"]}"#, r#"{"id":1}"#, ORDERS, &["missing field `pkey`"]),
+        case("json_unknown_op", r#"{"op":"MERGE","table":["public","orders"],"pkey":["id"]}"#, r#"{"id":1}"#, ORDERS, &["unknown operation \"MERGE\""]),
         case("no_pkey", "I:", "id=1&txt=a", ORDERS, &["table public.orders", "keep_latest needs primary key columns"]),
         case("pkey_missing", "I:id", "txt=a", ORDERS, &["table public.orders", "primary key column \"id\" is missing"]),
         case("null_table", "I:id", "id=1", None, &["table (null)", "ev_extra1 (the table name) is missing"]),

@@ -1,6 +1,7 @@
 //! The fault suite: each test breaks something while a job runs and ends by comparing the whole
 //! target with an oracle computed from what the test did to the source (never from what the
-//! worker wrote): nothing lost, nothing doubled.
+//! worker wrote): nothing lost, nothing doubled. Every queue carries both event formats
+//! (pgq.logutriga and pgq.jsontriga events interleaved), except where a test says otherwise.
 // `cargo pgrx test` builds every test target with feature pg_test: these run in the e2e layer only.
 #![cfg(not(feature = "pg_test"))]
 mod common;
@@ -67,7 +68,10 @@ impl Oracle {
 }
 
 fn setup(c: &Cluster, target_ddl: &str) {
-    c.feed("q", "orders", ORDERS, target_ddl);
+    c.create_queue("q");
+    c.source_sql(ORDERS);
+    c.add_mixed_triggers("orders", "q", "id");
+    c.target_sql(target_ddl);
 }
 
 fn assert_latest(c: &Cluster, table: &str, o: &Oracle) {
@@ -214,7 +218,7 @@ fn two_jobs_create_the_same_new_partitions_at_once() {
     c.create_queue("q1");
     c.create_queue("q2");
     c.source_sql(ORDERS);
-    c.add_logutriga("orders", "q1");
+    c.add_mixed_triggers("orders", "q1", "id");
     c.exec("source", "CREATE TRIGGER cube_replica2 AFTER INSERT OR UPDATE ON orders FOR EACH ROW EXECUTE PROCEDURE pgq.logutriga('q2')");
     c.target_sql(ORDERS_ALL);
     let opts = [("mode", "keep_all")];
@@ -239,12 +243,10 @@ fn two_jobs_create_the_same_new_partitions_at_once() {
 #[test]
 fn sigkill_mid_batch_that_spans_many_partitions() {
     let c = Cluster::start();
-    c.feed(
-        "q",
-        "orders",
-        "CREATE TABLE orders (id int PRIMARY KEY, txt text, day date)",
-        "CREATE TABLE orders (id int PRIMARY KEY, txt text, day date)",
-    );
+    c.create_queue("q");
+    c.source_sql("CREATE TABLE orders (id int PRIMARY KEY, txt text, day date)");
+    c.add_mixed_triggers("orders", "q", "id");
+    c.target_sql("CREATE TABLE orders (id int PRIMARY KEY, txt text, day date)");
     c.start_job("f", "q", &[("part_mode", "date_field"), ("part_field", "day")]);
     // one statement, one tick: the batch exists only once it is all there
     let batch = |lo: i32, hi: i32| {

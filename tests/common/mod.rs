@@ -220,6 +220,33 @@ impl Cluster {
         );
     }
 
+    pub fn add_jsontriga(&self, table: &str, queue: &str) {
+        self.exec(
+            "source",
+            &format!("CREATE TRIGGER cube_replica_json AFTER INSERT OR UPDATE OR DELETE ON {table} FOR EACH ROW EXECUTE PROCEDURE pgq.jsontriga('{queue}')"),
+        );
+    }
+
+    /// One queue carrying both event formats, interleaved: rows with an odd `key` are sent by
+    /// pgq.jsontriga, the others by pgq.logutriga (each key always by the same trigger).
+    pub fn add_mixed_triggers(&self, table: &str, queue: &str, key: &str) {
+        for (name, when, trigger) in [
+            ("url", format!("NEW.{key} % 2 = 0"), "logutriga"),
+            ("json", format!("NEW.{key} % 2 = 1"), "jsontriga"),
+        ] {
+            self.exec(
+                "source",
+                &format!(
+                    "CREATE TRIGGER cube_{name} AFTER INSERT OR UPDATE ON {table} FOR EACH ROW WHEN ({when})
+                       EXECUTE PROCEDURE pgq.{trigger}('{queue}');
+                     CREATE TRIGGER cube_{name}_del AFTER DELETE ON {table} FOR EACH ROW WHEN ({})
+                       EXECUTE PROCEDURE pgq.{trigger}('{queue}')",
+                    when.replace("NEW.", "OLD.")
+                ),
+            );
+        }
+    }
+
     /// The usual scene: a queue, a source table whose logutriga trigger feeds it, and the parent
     /// table in the target.
     pub fn feed(&self, queue: &str, table: &str, source_ddl: &str, target_ddl: &str) {
