@@ -287,8 +287,11 @@ fn import_ini(ini: &str) -> TableIterator<'static, (name!(statement, String),)> 
     TableIterator::new(rows.into_iter().map(|row| {
         (match row {
             crate::ini::Imported::Setting { database, guc, value } => {
-                // guc is cube_dispatcher.<validated job>.<declared option>: nothing to quote
-                format!("ALTER DATABASE {} SET {guc} = {};", crate::apply::quote_ident(&database), quote_literal(&value))
+                // cube_dispatcher.<validated job>.<declared option>; a job may be named like a
+                // keyword (all, user): each part quoted where needed
+                let guc: Vec<String> = guc.split('.').map(crate::apply::quote_ident).collect();
+                let (database, value) = (crate::apply::quote_ident(&database), quote_literal(&value));
+                format!("ALTER DATABASE {database} SET {} = {value};", guc.join("."))
             }
             crate::ini::Imported::Comment(text) => format!("-- {text}"),
         },)

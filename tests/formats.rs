@@ -42,7 +42,7 @@ fn jsontriga_and_logutriga_rows_arrive_as_the_source_holds_them() {
         }
     }
     c.start_job("latest", "q_latest", &[]);
-    c.start_job("all", "q_all", &[("mode", "keep_all"), ("dateformat", "YYYY_MM"), ("event_types", "I,U")]);
+    c.start_job("every", "q_all", &[("mode", "keep_all"), ("dateformat", "YYYY_MM"), ("event_types", "I,U")]);
     // one transaction, one batch: both formats interleaved, many rows (one COPY across chunks)
     c.source_sql(&format!(
         "BEGIN;
@@ -62,7 +62,7 @@ fn jsontriga_and_logutriga_rows_arrive_as_the_source_holds_them() {
         c.tick(q);
     }
     c.wait_caught_up("q_latest", "latest");
-    c.wait_caught_up("q_all", "all");
+    c.wait_caught_up("q_all", "every");
     let (day, month) = (c.suffix("YYYY_MM_DD"), c.suffix("YYYY_MM"));
     let source = c.query("source", "SELECT * FROM t_url ORDER BY id");
     assert_eq!(source.len(), 3 + 3000 - 1);
@@ -79,7 +79,7 @@ fn jsontriga_and_logutriga_rows_arrive_as_the_source_holds_them() {
         &format!("SELECT DISTINCT ON (id) * FROM t_json_{month} WHERE id <> 2 ORDER BY id, tx DESC"),
     );
     assert_eq!(latest_versions, source, "keep_all: the last version of each row is the source's");
-    assert_eq!(c.status("all", "events_skipped").as_deref(), Some("2"), "the two deletes, skipped by event_types");
+    assert_eq!(c.status("every", "events_skipped").as_deref(), Some("2"), "the two deletes, skipped by event_types");
     assert_eq!(c.status("latest", "events_skipped").as_deref(), Some("0"));
 }
 
