@@ -266,7 +266,7 @@ mod tests {
         )
         .unwrap()
         .unwrap();
-        assert_eq!(template, "\ncreate table _DEST_TABLE (like _PARENT);\ncomment on table _DEST_TABLE is 'it''s \\ here';");
+        assert_eq!(template, "create table _DEST_TABLE (like _PARENT);\ncomment on table _DEST_TABLE is 'it''s \\ here';");
         // an unknown key: a configuration file error naming it
         let err = crate::tx::in_subtransaction(|| {
             Spi::run("SELECT * FROM cube_dispatcher.import_ini('[cube_dispatcher]
