@@ -251,7 +251,9 @@ mod tests {
         })
         .unwrap();
         let db = Spi::get_one::<String>("SELECT current_database()::text").unwrap().unwrap();
-        let alter = |opt: &str, v: &str| format!("ALTER DATABASE {} SET cube_dispatcher.bi_cube.{opt} = {v};", quote_ident(&db));
+        let alter = |opt: &str, v: &str| {
+            format!("ALTER DATABASE {} SET cube_dispatcher.bi_cube.{opt} = {v};", quote_ident(&db))
+        };
         assert!(got.contains(&alter("mode", "'keep_all'")), "{got:#?}");
         assert!(got.contains(&alter("src_db", "'host=/tmp port=5432 dbname=src'")), "{got:#?}");
         assert!(got.iter().any(|s| s.starts_with("-- logfile") && s.contains("~/log/bi_cube.log")), "{got:#?}");
@@ -266,12 +268,17 @@ mod tests {
         )
         .unwrap()
         .unwrap();
-        assert_eq!(template, "create table _DEST_TABLE (like _PARENT);\ncomment on table _DEST_TABLE is 'it''s \\ here';");
+        assert_eq!(
+            template,
+            "create table _DEST_TABLE (like _PARENT);\ncomment on table _DEST_TABLE is 'it''s \\ here';"
+        );
         // an unknown key: a configuration file error naming it
         let err = crate::tx::in_subtransaction(|| {
-            Spi::run("SELECT * FROM cube_dispatcher.import_ini('[cube_dispatcher]
+            Spi::run(
+                "SELECT * FROM cube_dispatcher.import_ini('[cube_dispatcher]
 job_name = x
-modee = keep_all')")
+modee = keep_all')",
+            )
         });
         let err = match err {
             Err(crate::tx::SubError::Raised(e)) => format!("{:?} {}", e.code, e.message),

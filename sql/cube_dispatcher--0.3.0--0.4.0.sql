@@ -1,5 +1,6 @@
 -- 0.3.0 -> 0.4.0: events of operations a job does not apply (event_types, ignore_truncate) are
--- counted in job_state and the status view; import_ini() translates a Skytools ini file.
+-- counted in job_state and the status view, so are values of columns new_columns = ignore left
+-- out; import_ini() translates a Skytools ini file.
 
 CREATE FUNCTION cube_dispatcher."import_ini"(
 	"ini" TEXT
@@ -14,7 +15,8 @@ AS 'MODULE_PATHNAME', 'import_ini_wrapper';
 REVOKE EXECUTE ON FUNCTION cube_dispatcher.import_ini(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION cube_dispatcher.import_ini(text) TO PUBLIC;
 
-ALTER TABLE cube_dispatcher.job_state ADD COLUMN events_skipped bigint NOT NULL DEFAULT 0;
+ALTER TABLE cube_dispatcher.job_state ADD COLUMN events_skipped bigint NOT NULL DEFAULT 0,
+    ADD COLUMN values_ignored bigint NOT NULL DEFAULT 0;
 
 -- Replaced, not dropped: one column is added at the end, and the grants a DBA made on the view
 -- stay.
@@ -43,6 +45,7 @@ SELECT j.job_name,
        j.options->>'on_error' AS on_error,
        cube_dispatcher.shown_options(j.options, pg_has_role(current_user, j.run_as, 'MEMBER')) AS options,
        s.old_events_skipped,
-       s.events_skipped
+       s.events_skipped,
+       s.values_ignored
 FROM cube_dispatcher.job j
 LEFT JOIN cube_dispatcher.job_state s USING (job_name);

@@ -28,7 +28,8 @@ CREATE TABLE cube_dispatcher.job_state (
     last_error_at   timestamptz,
     updated_at      timestamptz,
     old_events_skipped bigint NOT NULL DEFAULT 0, -- ignore_old_events: events for partitions past retention
-    events_skipped  bigint NOT NULL DEFAULT 0  -- event_types, ignore_truncate: events of operations not applied
+    events_skipped  bigint NOT NULL DEFAULT 0, -- event_types, ignore_truncate: events of operations not applied
+    values_ignored  bigint NOT NULL DEFAULT 0  -- new_columns = ignore: values of columns the target lacks
 );
 
 -- Events a job with on_error = dead_letter could not write, kept with the reason, in the same
@@ -91,7 +92,8 @@ SELECT j.job_name,
        j.options->>'on_error' AS on_error,
        cube_dispatcher.shown_options(j.options, pg_has_role(current_user, j.run_as, 'MEMBER')) AS options,
        s.old_events_skipped,
-       s.events_skipped
+       s.events_skipped,
+       s.values_ignored
 FROM cube_dispatcher.job j
 LEFT JOIN cube_dispatcher.job_state s USING (job_name);
 

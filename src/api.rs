@@ -95,7 +95,57 @@ fn read_config(job: &str) -> Result<JobConfig, ApiError> {
         }
     };
     let db = Spi::get_one::<String>("SELECT current_database()::text").ok().flatten().unwrap_or_default();
-    JobConfig::read(&Context { job, current_db: &db }, &lookup).map_err(config_error)
+    let cfg = JobConfig::read(&Context { job, current_db: &db }, &lookup).map_err(config_error)?;
+    check_keys(&cfg).map_err(config_error)?;
+    Ok(cfg)
+}
+
+/// keep_latest finds rows by their key: `fields` or `skip_fields` that leave out a column of the
+/// primary key of a parent they name (as the target declares it) are refused now, not at the
+/// first event. Tables covered only by a catch-all entry are checked per event.
+fn check_keys(cfg: &JobConfig) -> Result<(), ConfigError> {
+    if cfg.mode.keeps_every_version() {
+        return Ok(());
+    }
+    let (fields, skip) = (cfg.fields.as_ref(), cfg.skip_fields.as_ref());
+    let named: Vec<(&str, &str)> =
+        fields.into_iter().flat_map(|f| f.tables()).chain(skip.into_iter().flat_map(|s| s.tables())).collect();
+    for (schema, table) in named {
+        let fields_of = fields.and_then(|f| f.for_table(schema, table));
+        let skip_of = skip.and_then(|s| s.for_table(schema, table));
+        let Some(reshape) = crate::reshape::Reshape::new(fields_of, skip_of) else { continue };
+        let source = crate::decode::TableName { schema: schema.to_string(), table: table.to_string() };
+        let parent = cfg.table_map.as_ref().and_then(|m| m.for_table(schema, table)).unwrap_or(&source);
+        let parent = crate::route::qualified(parent, &crate::apply::quote_ident);
+        let Some(column) = primary_key(&parent).into_iter().find(|k| !reshape.fills(k)) else { continue };
+        let (option, text) = match skip_of.is_some_and(|s| s.0.contains(&column)) {
+            true => ("skip_fields", &skip.unwrap().text),
+            false => ("fields", &fields.unwrap().text),
+        };
+        return Err(ConfigError::Invalid {
+            guc: config::job_guc(&cfg.job_name, option),
+            value: text.clone(),
+            why: format!(
+                "it leaves out column {column:?} of the primary key of {parent}, which keep_latest finds rows by"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The primary key columns of a table in this database (none if it has none or does not exist).
+fn primary_key(table: &str) -> Vec<String> {
+    Spi::connect(|c| {
+        let rows = c.select(
+            "SELECT a.attname::text FROM pg_catalog.pg_index i
+               JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+              WHERE i.indrelid = pg_catalog.to_regclass($1) AND i.indisprimary",
+            None,
+            &[table.into()],
+        )?;
+        rows.map(|r| r.get::<String>(1).map(Option::unwrap_or_default)).collect::<Result<Vec<_>, _>>()
+    })
+    .unwrap_or_default()
 }
 
 /// The names of the settings this session has under `cube_dispatcher.` that no module defined:
@@ -362,7 +412,8 @@ fn replay(job: &str) -> Result<i64, ApiError> {
                 .clone()
         };
         let placement = Placement::for_replay(&row.config, suffix, &mut source_time_zone);
-        let mut writer = BatchWriter::new(&row.config, row.run_as, placement);
+        let mut writer = BatchWriter::new(&row.config, row.run_as, placement)
+            .with_catalog(crate::source::SourceCatalog::new(row.run_as, &row.config.src_db));
         match writer.apply_isolated(&ev) {
             Ok(()) => {
                 for p in &writer.created {

@@ -2,7 +2,7 @@
 //! the template (under a lock, re-checked), then performs the set-based plan. The hot path builds
 //! one statement per table and column set per chunk, never one per event.
 
-use crate::config::JobConfig;
+use crate::config::{JobConfig, NewColumns};
 use crate::decode::{self, DecodeError, Format, Op, Row, TableName};
 use crate::event::{Chunks, RawEvent};
 use crate::mode::ModeError;
@@ -10,6 +10,7 @@ use crate::native;
 use crate::part_time::{Placement, TimeOf};
 use crate::placement::PartMode;
 use crate::plan::{self, Change, DeleteGroup, InsertGroup};
+use crate::reshape::{Reshape, ReshapeError};
 use crate::route::{self, RouteError};
 use crate::tx::{catching, in_subtransaction, SqlError, SubError};
 use pgrx::datum::DatumWithOid;
@@ -48,6 +49,8 @@ pub enum EventError {
     Route(#[from] RouteError),
     #[error(transparent)]
     Mode(#[from] ModeError),
+    #[error(transparent)]
+    Reshape(#[from] ReshapeError),
     #[error("column {column:?} does not exist in {table}")]
     NoSuchColumn { column: String, table: String },
     #[error("partition {0} does not exist and part_template is empty")]
@@ -68,6 +71,14 @@ pub enum EventError {
     PartFieldMissing(String),
     #[error("part_field column {0:?} is NULL")]
     PartFieldNull(String),
+    #[error("column {column:?} is not in the source table {table} either (new_columns = add reads its type there)")]
+    NoSourceColumn { column: String, table: String },
+    #[error("new_columns = add: no source connection to read column types from")]
+    NoCatalog,
+    #[error("column {column:?} has type {ty} on the source, which this database does not know")]
+    NoType { column: String, ty: String },
+    #[error("adding column {column:?} to {table} failed: {cause}")]
+    AddColumn { column: String, table: String, cause: SqlError },
     #[error("a truncate carries no row, so part_mode date_field cannot place it: set ignore_truncate = on, or empty the partitions by hand and skip the event")]
     TruncateUnplaced,
     #[error("{what} {value:?} is not a time: {cause}")]
@@ -85,6 +96,10 @@ pub fn quote_ident(name: &str) -> String {
 }
 
 impl Partition {
+    fn source_name(&self) -> String {
+        route::qualified(&self.source, &quote_ident)
+    }
+
     /// Whether an index leads with the column; asked once per batch and column.
     fn key_indexed(&self, first_key_column: &str) -> bool {
         if let Some((c, yes)) = &*self.key_index.borrow() {
@@ -103,8 +118,19 @@ impl Partition {
     }
 }
 
+thread_local! {
+    /// (parent, column) pairs new_columns = ignore has logged: once per worker, i.e. per job
+    static IGNORED: std::cell::RefCell<std::collections::HashSet<(String, String)>> = Default::default();
+}
+
 struct Partition {
     qualified: String,
+    /// the parent, schema-qualified and quoted
+    parent: String,
+    /// a leaf of a natively partitioned parent
+    native_leaf: bool,
+    /// the table whose events opened it (its columns' types are read from there)
+    source: TableName,
     relid: pg_sys::Oid,
     /// COPY is equivalent to INSERT here (privilege held, no row security): use the fast path.
     copy_ok: bool,
@@ -132,12 +158,29 @@ fn relid(name: &str) -> Result<Option<pg_sys::Oid>, EventError> {
         .map_err(EventError::Sql)
 }
 
-/// A partition's columns and the types their text is cast to. format_type without typmod: the
+/// A partition, looked up: `parent` (quoted) and `source` (the table whose events opened it)
+/// are what new_columns = add needs.
+fn describe(qualified: String, parent: String, source: TableName) -> Result<Partition, EventError> {
+    let oid = relid(&qualified)?.ok_or_else(|| EventError::NoPartition(qualified.clone()))?;
+    let columns = columns_of(oid)?;
+    Ok(Partition {
+        qualified,
+        parent,
+        native_leaf: false,
+        source,
+        relid: oid,
+        copy_ok: crate::copy_in::usable(oid),
+        columns,
+        key_index: Default::default(),
+        fill_key: None,
+    })
+}
+
+/// A table's columns and the types their text is cast to. format_type without typmod: the
 /// cast goes to the base type and the column's own typmod is then enforced by the INSERT (a
 /// too-long varchar errors instead of truncating).
-fn describe_partition(qualified: String) -> Result<Partition, EventError> {
-    let oid = relid(&qualified)?.ok_or_else(|| EventError::NoPartition(qualified.clone()))?;
-    let columns = Spi::connect(|c| {
+fn columns_of(oid: pg_sys::Oid) -> Result<HashMap<String, Option<String>>, EventError> {
+    Spi::connect(|c| {
         let rows = c.select(
             "SELECT a.attname::text,
                     CASE WHEN t.typcategory = 'S' AND t.typtype <> 'd' THEN NULL
@@ -153,15 +196,7 @@ fn describe_partition(qualified: String) -> Result<Partition, EventError> {
         }
         Ok::<_, pgrx::spi::Error>(m)
     })
-    .map_err(|e| EventError::Sql(SqlError::internal(e)))?;
-    Ok(Partition {
-        qualified,
-        relid: oid,
-        copy_ok: crate::copy_in::usable(oid),
-        columns,
-        key_index: Default::default(),
-        fill_key: None,
-    })
+    .map_err(|e| EventError::Sql(SqlError::internal(e)))
 }
 
 /// What a partition about to be looked up or made is: its name, parent, period, and the native
@@ -174,6 +209,8 @@ struct NewPartition<'n> {
     /// the start of the period (timestamptz text) and the period, when known
     period: Option<(String, &'static str)>,
     native: Option<(pg_sys::Oid, native::NativeKey)>,
+    /// part_field's column for the table (named by the table the events come from)
+    field: Option<&'n str>,
 }
 
 impl NewPartition<'_> {
@@ -186,7 +223,7 @@ impl NewPartition<'_> {
     }
 
     /// The template words beyond the table names: the period's bounds and the placing column.
-    fn words(&self, job: &JobConfig) -> Result<Vec<(&'static str, String)>, EventError> {
+    fn words(&self) -> Result<Vec<(&'static str, String)>, EventError> {
         let mut words = Vec::new();
         if let Some((start, interval)) = &self.period {
             let any = native::NativeKey::timestamptz();
@@ -197,7 +234,7 @@ impl NewPartition<'_> {
         }
         let field = match &self.native {
             Some((_, key)) => Some(key.column.as_str()),
-            None => job.part_field.as_ref().and_then(|f| f.column_for(&self.parent.schema, &self.parent.table)),
+            None => self.field,
         };
         if let Some(f) = field {
             words.push(("_PART_FIELD", quote_ident(f)));
@@ -226,6 +263,8 @@ pub struct BatchWriter<'a> {
     pub created: Vec<Created>,
     /// events not written, by reason
     pub skipped: Skipped,
+    /// where new_columns = add reads column types
+    catalog: Option<crate::source::SourceCatalog>,
     /// partitions past the retention period, found so (ignore_old_events)
     expired: std::collections::HashSet<TableName>,
 }
@@ -237,13 +276,50 @@ pub struct Skipped {
     pub old: i64,
     /// of an operation the job does not apply (event_types, ignore_truncate)
     pub filtered: i64,
+    /// not events: column values left out because the target lacks the column
+    /// (new_columns = ignore)
+    pub values: i64,
 }
+
+/// Key column names, shared by the events that carry the same ones.
+type Key = Rc<Vec<String>>;
 
 /// What the job's per-table options say for one table, looked up once per table and batch.
 struct TableRules {
+    /// as the events name it
     parent: TableName,
+    /// where its events are written (table_map)
+    dest: TableName,
     part_field: Option<String>,
     event_types: Option<crate::per_table::EventTypes>,
+    /// fields, skip_fields
+    reshape: Option<Reshape>,
+    /// the last key mapped through reshape: the event's, and the target's (or why not)
+    last_key: std::cell::RefCell<Option<(Key, Result<Key, ReshapeError>)>>,
+}
+
+impl TableRules {
+    /// The key columns under their target names. keep_latest needs every one of them; keep_all
+    /// only names the key in templates (_PKEY), so a dropped column just leaves it.
+    fn key(
+        &self,
+        reshape: &Reshape,
+        pkey: &Rc<Vec<String>>,
+        keep_latest: bool,
+    ) -> Result<Rc<Vec<String>>, ReshapeError> {
+        let mut last = self.last_key.borrow_mut();
+        if let Some((from, to)) = &*last {
+            if Rc::ptr_eq(from, pkey) {
+                return to.clone();
+            }
+        }
+        let to = match reshape.key(pkey) {
+            Err(e) if keep_latest => Err(e),
+            _ => Ok(Rc::new(reshape.kept_key(pkey))),
+        };
+        *last = Some((pkey.clone(), to.clone()));
+        to
+    }
 }
 
 /// A partition the writer created.
@@ -277,8 +353,15 @@ impl<'a> BatchWriter<'a> {
             last_type: None,
             created: Vec::new(),
             skipped: Skipped::default(),
+            catalog: None,
             expired: Default::default(),
         }
+    }
+
+    /// The source's catalog, for new_columns = add.
+    pub fn with_catalog(mut self, catalog: crate::source::SourceCatalog) -> Self {
+        self.catalog = Some(catalog);
+        self
     }
 
     /// After a rolled-back subtransaction: partitions it created are gone, so look everything up
@@ -306,11 +389,13 @@ impl<'a> BatchWriter<'a> {
             table: raw.unwrap_or("(null)").to_string(),
             cause,
         };
-        let parent = decode::parse_table(raw).map_err(|e| fail(e.into()))?;
+        // table_map: the parent the events are written into, which the allow-list is about
+        let rules = self.rules_of(ev).map_err(fail)?;
+        let parent = &rules.dest;
         if self.job.tables.as_ref().is_some_and(|t| !t.allows(&parent.schema, &parent.table)) {
-            return Err(fail(EventError::NotAllowed(route::qualified(&parent, &quote_ident))));
+            return Err(fail(EventError::NotAllowed(route::qualified(parent, &quote_ident))));
         }
-        let dest = route::partition_of(&parent, suffix.as_deref()).map_err(|e| fail(e.into()))?;
+        let dest = route::partition_of(parent, suffix.as_deref()).map_err(|e| fail(e.into()))?;
         let i = match self.by_name.get(&dest) {
             Some(&i) => i,
             None if self.expired.contains(&dest) => return Ok(None),
@@ -319,9 +404,10 @@ impl<'a> BatchWriter<'a> {
                 return Ok(None);
             }
             None => {
-                let p = self.open_partition(&dest, &parent, pkey, suffix.as_deref()).map_err(|cause| {
-                    ApplyError::Event { ev_id: ev.ev_id, table: route::qualified(&parent, &quote_ident), cause }
-                })?;
+                let field = rules.part_field.as_deref();
+                let p = self.open_partition(&dest, parent, pkey, suffix.as_deref(), field, &rules.parent).map_err(
+                    |cause| ApplyError::Event { ev_id: ev.ev_id, table: route::qualified(parent, &quote_ident), cause },
+                )?;
                 self.partitions.push(p);
                 self.by_name.insert(dest, self.partitions.len() - 1);
                 self.partitions.len() - 1
@@ -368,7 +454,12 @@ impl<'a> BatchWriter<'a> {
 
     /// The partition key of a native parent, checked against how the job places rows: the key
     /// must be the column that places them.
-    fn native_parent(&self, oid: pg_sys::Oid, parent: &TableName) -> Result<Option<native::NativeKey>, EventError> {
+    fn native_parent(
+        &self,
+        oid: pg_sys::Oid,
+        parent: &TableName,
+        field: Option<&str>,
+    ) -> Result<Option<native::NativeKey>, EventError> {
         let parent_q = route::qualified(parent, &quote_ident);
         let key = match native::key_of(oid).map_err(EventError::Sql)? {
             Ok(None) => return Ok(None),
@@ -381,7 +472,6 @@ impl<'a> BatchWriter<'a> {
                 why: "its partitions need bounds: set period (or a dateformat of an hour, day, month or year)".into(),
             });
         }
-        let field = self.job.part_field.as_ref().and_then(|f| f.column_for(&parent.schema, &parent.table));
         match (self.job.part_mode, field) {
             (PartMode::DateField, Some(f)) if f == key.column => Ok(Some(key)),
             (PartMode::DateField, f) => Err(EventError::NativeUnsupported {
@@ -410,9 +500,16 @@ impl<'a> BatchWriter<'a> {
             None => {
                 let parent = decode::parse_table(ev.ev_extra1.as_deref())?;
                 let (s, t) = (parent.schema.as_str(), parent.table.as_str());
+                let job = self.job;
                 let rules = Rc::new(TableRules {
-                    part_field: self.job.part_field.as_ref().and_then(|f| f.column_for(s, t)).map(str::to_string),
-                    event_types: self.job.event_types.as_ref().and_then(|e| e.for_table(s, t)).copied(),
+                    dest: job.table_map.as_ref().and_then(|m| m.for_table(s, t)).unwrap_or(&parent).clone(),
+                    part_field: job.part_field.as_ref().and_then(|f| f.column_for(s, t)).map(str::to_string),
+                    event_types: job.event_types.as_ref().and_then(|e| e.for_table(s, t)).copied(),
+                    reshape: Reshape::new(
+                        job.fields.as_ref().and_then(|f| f.for_table(s, t)),
+                        job.skip_fields.as_ref().and_then(|f| f.for_table(s, t)),
+                    ),
+                    last_key: Default::default(),
                     parent,
                 });
                 self.rules.insert(raw.to_string(), rules.clone());
@@ -474,18 +571,40 @@ impl<'a> BatchWriter<'a> {
         Ok(self.rules_of(ev)?.event_types.is_none_or(|t| t.applies(op)))
     }
 
-    /// An event's row, checked against the mode. A truncate has none.
-    fn row_of<'e>(&self, ev: &'e RawEvent, op: Op, pkey: &[String], format: Format) -> Result<Row<'e>, EventError> {
+    /// An event's row as the trigger sent it. A truncate has none, and is checked here.
+    fn row_of<'e>(&self, ev: &'e RawEvent, op: Op, format: Format) -> Result<Row<'e>, EventError> {
         if op == Op::Truncate {
-            self.job.mode.check(op, pkey, &Vec::new())?;
+            self.job.mode.check(op, &[], &Vec::new())?;
             if let Some(TimeOf::Field) = self.placement.time_of() {
                 return Err(EventError::TruncateUnplaced);
             }
             return Ok(Vec::new());
         }
-        let row = decode::parse_row(format, ev.ev_data.as_deref())?;
-        self.job.mode.check(op, pkey, &row)?;
-        Ok(row)
+        Ok(decode::parse_row(format, ev.ev_data.as_deref())?)
+    }
+
+    /// The row and key as the target gets them (fields, skip_fields), checked against the mode.
+    fn reshaped<'e>(
+        &mut self,
+        ev: &RawEvent,
+        op: Op,
+        pkey: Rc<Vec<String>>,
+        row: Row<'e>,
+    ) -> Result<(Rc<Vec<String>>, Row<'e>), EventError> {
+        let (pkey, row) = match (&self.job.fields, &self.job.skip_fields) {
+            (None, None) => (pkey, row),
+            _ => {
+                let rules = self.rules_of(ev)?;
+                match &rules.reshape {
+                    None => (pkey, row),
+                    Some(r) => (rules.key(r, &pkey, !self.job.mode.keeps_every_version())?, r.row(row)),
+                }
+            }
+        };
+        if op != Op::Truncate {
+            self.job.mode.check(op, &pkey, &row)?;
+        }
+        Ok((pkey, row))
     }
 
     /// Decodes, checks, places and routes a run of events. Every failure names the event and its
@@ -509,10 +628,12 @@ impl<'a> BatchWriter<'a> {
                 self.skipped.filtered += 1;
                 continue;
             }
-            let row = self.row_of(ev, op, &pkey, format).map_err(|e| fail(ev, e))?;
+            let row = self.row_of(ev, op, format).map_err(|e| fail(ev, e))?;
+            // part_field names the column as the event carries it
             if self.placement.time_of().is_some() {
                 times.push(self.time_of(ev, &row).map_err(|e| fail(ev, e))?);
             }
+            let (pkey, row) = self.reshaped(ev, op, pkey, row).map_err(|e| fail(ev, e))?;
             decoded.push((ev, op, pkey, row));
         }
         if let Err(bad) = self.placement.learn(times.iter().flatten().map(|t| t.as_ref())) {
@@ -543,8 +664,8 @@ impl<'a> BatchWriter<'a> {
 
     /// The suffix an event was given, if it got that far (dead letters keep it for the replay).
     pub fn suffix_of(&mut self, ev: &RawEvent) -> Option<String> {
-        let (op, pkey, format) = self.event_type(ev).ok()?;
-        let row = self.row_of(ev, op, &pkey, format).ok()?;
+        let (op, _, format) = self.event_type(ev).ok()?;
+        let row = self.row_of(ev, op, format).ok()?;
         let time = self.time_of(ev, &row).ok()?;
         self.placement.suffix(time.as_deref()).map(str::to_string)
     }
@@ -695,7 +816,7 @@ impl<'a> BatchWriter<'a> {
     }
 
     /// Writes a run of changes set-based: keep_latest's deletes, then the inserts.
-    fn write_planned(&self, changes: &[Change], leave_open: bool) -> Result<Option<OpenCopy>, ApplyError> {
+    fn write_planned(&mut self, changes: &[Change], leave_open: bool) -> Result<Option<OpenCopy>, ApplyError> {
         let plan = plan::plan(changes, self.job.mode);
         for d in &plan.deletes {
             self.delete(d)?;
@@ -747,6 +868,86 @@ impl<'a> BatchWriter<'a> {
         Some((events[0].ev_id, events[events.len() - 1].ev_id))
     }
 
+    /// Columns of a group's rows that the partition lacks, as new_columns says: an error naming
+    /// the first (error), added to the parent and the partition (add), or left out of the rows
+    /// (ignore: returns which columns to keep).
+    fn fit_columns(&mut self, dest: usize, head: &Change, rows: usize) -> Result<Option<Vec<bool>>, ApplyError> {
+        let part = &self.partitions[dest];
+        let missing: Vec<&str> =
+            head.row.iter().map(|(c, _)| c.as_ref()).filter(|c| !part.columns.contains_key(*c)).collect();
+        if missing.is_empty() {
+            return Ok(None);
+        }
+        match self.job.new_columns {
+            NewColumns::Error => self.check_columns(dest, head.ev_id, missing.into_iter()).map(|_| None),
+            NewColumns::Ignore => {
+                for column in &missing {
+                    let first =
+                        IGNORED.with(|seen| seen.borrow_mut().insert((part.parent.clone(), column.to_string())));
+                    if first {
+                        pgrx::log!(
+                            "cube_dispatcher {}: column {column:?} of {} is not in {}: its values are ignored (new_columns = ignore; logged once)",
+                            self.job.job_name,
+                            part.source_name(),
+                            part.qualified
+                        );
+                    }
+                }
+                self.skipped.values += (missing.len() * rows) as i64;
+                Ok(Some(head.row.iter().map(|(c, _)| part.columns.contains_key(c.as_ref())).collect()))
+            }
+            NewColumns::Add => {
+                let missing: Vec<String> = missing.into_iter().map(str::to_string).collect();
+                self.add_columns(dest, &missing).map_err(|cause| ApplyError::Event {
+                    ev_id: head.ev_id,
+                    table: self.partitions[dest].qualified.clone(),
+                    cause,
+                })?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// new_columns = add: each column with the type the source table declares, added to the
+    /// parent and (unless the parent is partitioned natively, whose ALTER reaches every
+    /// partition) to the partition being written, as the job's role, which must own them.
+    fn add_columns(&mut self, dest: usize, columns: &[String]) -> Result<(), EventError> {
+        let part = &self.partitions[dest];
+        let catalog = self.catalog.as_ref().ok_or(EventError::NoCatalog)?;
+        for column in columns {
+            let ty = catalog
+                .column_type(&part.source, column)
+                .map_err(EventError::Sql)?
+                .ok_or_else(|| EventError::NoSourceColumn { column: column.clone(), table: part.source_name() })?;
+            // the type text is the source's format_type(): checked to be a type name here
+            // before it is written into the statement
+            let known =
+                crate::spi::value::<bool>("SELECT pg_catalog.to_regtype($1) IS NOT NULL", &[ty.as_str().into()]);
+            if known != Some(true) {
+                return Err(EventError::NoType { column: column.clone(), ty });
+            }
+            let mut sql = format!("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {ty}", part.parent, quote_ident(column));
+            if !part.native_leaf && part.parent != part.qualified {
+                sql +=
+                    &format!("; ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {ty}", part.qualified, quote_ident(column));
+            }
+            crate::roles::as_role(self.role, || run_sql(&sql, &[])).map_err(|cause| EventError::AddColumn {
+                column: column.clone(),
+                table: part.parent.clone(),
+                cause,
+            })?;
+            pgrx::log!(
+                "cube_dispatcher {}: added column {} {ty} to {} and {} (new_columns = add)",
+                self.job.job_name,
+                quote_ident(column),
+                part.parent,
+                part.qualified
+            );
+        }
+        self.partitions[dest].columns = columns_of(part.relid)?;
+        Ok(())
+    }
+
     /// The first column (in event order) that the partition lacks, named in the error.
     fn check_columns<'c>(
         &self,
@@ -775,19 +976,22 @@ impl<'a> BatchWriter<'a> {
         parent: &TableName,
         pkey: &[String],
         suffix: Option<&str>,
+        field: Option<&str>,
+        source: &TableName,
     ) -> Result<Partition, EventError> {
         let parent_q = route::qualified(parent, &quote_ident);
         let native = match relid(&parent_q)? {
-            Some(oid) => self.native_parent(oid, parent)?.map(|key| (oid, key)),
+            Some(oid) => self.native_parent(oid, parent, field)?.map(|key| (oid, key)),
             None => None,
         };
-        let new = NewPartition { dest, parent, pkey, suffix, period: self.period_of(suffix), native };
+        let new = NewPartition { dest, parent, pkey, suffix, period: self.period_of(suffix), native, field };
         let qualified = match new.covering()? {
             Some(leaf) => leaf,
             None if relid(&route::qualified(dest, &quote_ident))?.is_some() => route::qualified(dest, &quote_ident),
             None => self.create_partition(&new)?,
         };
-        let mut partition = describe_partition(qualified)?;
+        let mut partition = describe(qualified, parent_q, source.clone())?;
+        partition.native_leaf = new.native.is_some();
         if self.job.part_mode != PartMode::DateField {
             partition.fill_key = new.native.map(|(_, key)| key.column);
         }
@@ -821,7 +1025,7 @@ impl<'a> BatchWriter<'a> {
         if relid(&parent_q)?.is_none() {
             return Err(EventError::NoParent(parent_q));
         }
-        let words = new.words(self.job)?;
+        let words = new.words()?;
         // each in a nest of its own: whatever one SETs ends with it (see roles::as_role)
         let steps = [
             ("pre_part", self.job.pre_part.as_deref()),
@@ -853,10 +1057,27 @@ impl<'a> BatchWriter<'a> {
         }
     }
 
-    fn insert(&self, g: &InsertGroup, changes: &[Change], leave_open: bool) -> Result<Option<OpenCopy>, ApplyError> {
-        let part = &self.partitions[g.dest];
+    fn insert(
+        &mut self,
+        g: &InsertGroup,
+        changes: &[Change],
+        leave_open: bool,
+    ) -> Result<Option<OpenCopy>, ApplyError> {
         let head = &changes[g.rows[0]];
-        self.check_columns(g.dest, head.ev_id, head.row.iter().map(|(c, _)| c.as_ref()))?;
+        if let Some(keep) = self.fit_columns(g.dest, head, g.rows.len())? {
+            // new_columns = ignore: the group without the columns the partition lacks
+            let trimmed: Vec<Change> = g
+                .rows
+                .iter()
+                .map(|&i| Change {
+                    row: changes[i].row.iter().zip(&keep).filter(|(_, k)| **k).map(|(v, _)| v.clone()).collect(),
+                    ..changes[i].clone()
+                })
+                .collect();
+            let group = InsertGroup { dest: g.dest, rows: (0..trimmed.len()).collect() };
+            return self.insert(&group, &trimmed, false);
+        }
+        let part = &self.partitions[g.dest];
         let columns: Vec<&str> = head.row.iter().map(|(c, _)| c.as_ref()).collect();
         let (first, last) = (head.ev_id, changes[*g.rows.last().unwrap()].ev_id);
         let fail = |cause| self.statement_error(first, last, part, cause);

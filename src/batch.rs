@@ -151,7 +151,8 @@ pub fn run(
         }
         let with_time = pace.reads_ev_time() || cfg.part_mode.reads_event_time();
         source.open_events(&info, cfg.mode.reads_in_ev_id_order(), with_time);
-        let mut writer = BatchWriter::new(cfg, role, Placement::for_batch(cfg, &info));
+        let mut writer = BatchWriter::new(cfg, role, Placement::for_batch(cfg, &info))
+            .with_catalog(crate::source::SourceCatalog::new(role, &cfg.src_db));
         let written = pace.write(&mut writer, source)?;
         source.close_events();
         for (ev, why) in &written.parked {

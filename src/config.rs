@@ -5,8 +5,9 @@
 //! with `cube_dispatcher.<option>` as the default for every job; this module only sees the
 //! resulting strings, so it is tested without a server.
 
+use crate::decode::TableName;
 use crate::mode::Mode;
-use crate::per_table::{EventTypes, PerTable};
+use crate::per_table::{Columns, EventTypes, Fields, PerTable};
 use crate::placement::{DateFormat, PartField, PartMode, Period, Retention};
 use std::collections::BTreeMap;
 use thiserror::Error;
@@ -386,6 +387,14 @@ options! {
         "operations applied: I, U, D separated by ',', or per table schema.table:I,U;...; others are skipped";
     ignore_truncate: bool, Bool, Unset::Value("off"), NextBatch,
         "on: TRUNCATE events are skipped; off: keep_latest empties the event's partition, keep_all refuses";
+    fields: Option<PerTable<Fields>>, Parsed, Unset::Means("every column"), NextBatch,
+        "columns kept, src or src:dst to rename, separated by ','; or per table schema.table:a,b:c;...";
+    skip_fields: Option<PerTable<Columns>>, Parsed, Unset::Means("unset"), NextBatch,
+        "columns dropped, separated by ','; or per table schema.table:a,b;...";
+    table_map: Option<PerTable<TableName>>, Parsed, Unset::Means("unset: each table's own name"), NextBatch,
+        "the parent a table's events are written into: schema.table:schema.parent;...";
+    new_columns: NewColumns, Words, Unset::Value("error"), NextBatch,
+        "a column the target lacks: error (retried until added), ignore (value dropped, counted) or add (with the source's type)";
 }
 
 /// A setting as found: its text if set, and where it is (or would be) set, for errors.
@@ -447,6 +456,28 @@ impl Word for LogLevel {
             LogLevel::Quiet => "quiet",
             LogLevel::Normal => "normal",
             LogLevel::Verbose => "verbose",
+        }
+    }
+}
+
+/// What a row's column that the target table lacks gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NewColumns {
+    /// the batch fails (and is retried) until a DBA adds the column: the original's behaviour
+    Error,
+    /// the value is dropped, logged once per table and column, counted
+    Ignore,
+    /// the job adds the column, with the source's type, to the parent and the partition
+    Add,
+}
+
+impl Word for NewColumns {
+    const ALL: &'static [Self] = &[NewColumns::Error, NewColumns::Ignore, NewColumns::Add];
+    fn as_str(self) -> &'static str {
+        match self {
+            NewColumns::Error => "error",
+            NewColumns::Ignore => "ignore",
+            NewColumns::Add => "add",
         }
     }
 }

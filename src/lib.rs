@@ -12,6 +12,7 @@ mod mode;
 mod per_table;
 mod placement;
 mod plan;
+mod reshape;
 mod route;
 
 mod api;

@@ -4,7 +4,7 @@
 //! Table names are as the triggers write them (unquoted, exact case); no schema means `public`.
 //! Pure Rust.
 
-use crate::decode::Op;
+use crate::decode::{Op, TableName};
 
 /// What one entry's value is.
 pub trait EntryValue: Sized {
@@ -56,6 +56,11 @@ impl<T: EntryValue> PerTable<T> {
             return Err(syntax());
         }
         Ok(PerTable { text: text.to_string(), any_table, tables })
+    }
+
+    /// The tables listed with a value of their own.
+    pub fn tables(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.tables.iter().map(|(s, t, _)| (s.as_str(), t.as_str()))
     }
 
     /// The value for rows of `schema.table`, if any.
@@ -120,6 +125,62 @@ impl EntryValue for EventTypes {
     }
 }
 
+/// `fields`: the columns kept, in a comma list, each `src` or `src:dst` to rename it; `*` keeps
+/// every column (a table's entry `*` undoes a catch-all list).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fields(pub Option<Vec<(String, String)>>);
+
+impl EntryValue for Fields {
+    const BARE_TABLE: bool = false;
+    const EXPECTED: &'static str = "columns separated by ',' (src or src:dst)";
+    fn parse_value(text: &str) -> Result<Fields, String> {
+        if text.trim() == "*" {
+            return Ok(Fields(None));
+        }
+        let mut kept: Vec<(String, String)> = Vec::new();
+        for item in text.split(',').map(str::trim) {
+            let (src, dst) = item.split_once(':').map(|(s, d)| (s.trim(), d.trim())).unwrap_or((item, item));
+            if src.is_empty() || dst.is_empty() {
+                return Err(format!("{item:?} is not a column or src:dst"));
+            }
+            if kept.iter().any(|(s, _)| s == src) {
+                return Err(format!("column {src:?} is listed twice"));
+            }
+            if kept.iter().any(|(_, d)| d == dst) {
+                return Err(format!("two columns would be named {dst:?}"));
+            }
+            kept.push((src.to_string(), dst.to_string()));
+        }
+        Ok(Fields(Some(kept)))
+    }
+}
+
+/// `skip_fields`: columns dropped, separated by ','.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Columns(pub Vec<String>);
+
+impl EntryValue for Columns {
+    const BARE_TABLE: bool = true;
+    const EXPECTED: &'static str = "column names separated by ','";
+    fn parse_value(text: &str) -> Result<Columns, String> {
+        let columns: Vec<String> = text.split(',').map(|c| c.trim().to_string()).collect();
+        if columns.iter().any(String::is_empty) {
+            return Err("an empty column name".into());
+        }
+        Ok(Columns(columns))
+    }
+}
+
+/// `table_map`: the parent the table's events are written into, `schema.table` (no schema:
+/// `public`).
+impl EntryValue for TableName {
+    const BARE_TABLE: bool = true;
+    const EXPECTED: &'static str = "a parent table schema.table";
+    fn parse_value(text: &str) -> Result<TableName, String> {
+        crate::decode::parse_table(Some(text.trim())).map_err(|e| e.to_string())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,7 +192,10 @@ mod tests {
         assert_eq!(f.for_table("Sales", "Lines").map(String::as_str), Some("Shipped At"));
         assert_eq!(f.for_table("public", "items").map(String::as_str), Some("created"));
         let f = PerTable::<String>::parse("items:d").unwrap();
-        assert_eq!((f.for_table("public", "items").cloned(), f.for_table("public", "orders")), (Some("d".into()), None));
+        assert_eq!(
+            (f.for_table("public", "items").cloned(), f.for_table("public", "orders")),
+            (Some("d".into()), None)
+        );
         for bad in ["", " ; ", "a;b", "t:", ":c", "s.:c", "t:a;t:b", "public.t:a;t:b"] {
             assert!(PerTable::<String>::parse(bad).is_err(), "{bad:?}");
         }
@@ -152,5 +216,30 @@ mod tests {
         let err = PerTable::<EventTypes>::parse("public.orders:I,X").unwrap_err();
         assert_eq!(err, "public.orders: \"X\" is not an event type: expected I, U, D separated by ','");
         assert!(PerTable::<EventTypes>::parse("I;U").unwrap_err().contains("more than one entry without a table"));
+    }
+
+    #[test]
+    fn fields_and_maps() {
+        let f = PerTable::<Fields>::parse("public.orders:id,amount:total; id, note:remark").unwrap();
+        let pair = |s: &str, d: &str| (s.to_string(), d.to_string());
+        assert_eq!(f.for_table("public", "orders").unwrap().0, Some(vec![pair("id", "id"), pair("amount", "total")]));
+        assert_eq!(f.for_table("x", "y").unwrap().0, Some(vec![pair("id", "id"), pair("note", "remark")]));
+        // a bare name before ':' is a rename, not a table
+        assert_eq!(
+            PerTable::<Fields>::parse("amount:total").unwrap().for_table("public", "amount").unwrap().0,
+            Some(vec![pair("amount", "total")])
+        );
+        assert_eq!(PerTable::<Fields>::parse("public.t:*; id").unwrap().for_table("public", "t").unwrap().0, None);
+        for bad in ["id,,x", "a:b,c:b", "a,a", "public.t:", "x:"] {
+            assert!(PerTable::<Fields>::parse(bad).is_err(), "{bad:?}");
+        }
+        let m = PerTable::<TableName>::parse("public.orders:bi.orders_hist; lines:lines_hist").unwrap();
+        let t = |s: &str, n: &str| TableName { schema: s.into(), table: n.into() };
+        assert_eq!(m.for_table("public", "orders"), Some(&t("bi", "orders_hist")));
+        assert_eq!(m.for_table("public", "lines"), Some(&t("public", "lines_hist")));
+        assert_eq!(m.for_table("public", "other"), None);
+        let s = PerTable::<Columns>::parse("secret, pin; public.t:x").unwrap();
+        assert_eq!(s.for_table("public", "u").unwrap().0, vec!["secret", "pin"]);
+        assert!(PerTable::<Columns>::parse("a,,b").is_err());
     }
 }

@@ -158,5 +158,4 @@ mod tests {
             assert!(Retention::parse(bad).is_err(), "{bad:?}");
         }
     }
-
-    }
+}

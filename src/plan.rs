@@ -135,7 +135,10 @@ mod tests {
 
     /// A test value: plain text is its own encoding (the tests use no '%' or '+').
     fn enc(s: &str) -> Encoded<'static> {
-        crate::decode::parse_row(crate::decode::Format::Url, Some(Box::leak(format!("v={s}").into_boxed_str()))).unwrap()[0].1.unwrap()
+        crate::decode::parse_row(crate::decode::Format::Url, Some(Box::leak(format!("v={s}").into_boxed_str())))
+            .unwrap()[0]
+            .1
+            .unwrap()
     }
 
     /// The model tables hold plain decoded rows.

@@ -6,6 +6,7 @@
 //! ours (see roles.rs): the events query PgQ builds names some built-ins without a schema.
 
 use crate::event::{Chunks, RawEvent};
+use crate::tx::SqlError;
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use std::borrow::Cow;
@@ -331,5 +332,34 @@ unsafe fn borrow_events<'t>(table: *mut pg_sys::SPITupleTable, n: usize) -> Vec<
                 }
             })
             .collect()
+    }
+}
+
+/// Questions about the source's catalog, each on a connection of its own: the batch's
+/// connection may have a fetch in flight. Rare (new_columns = add), so not worth keeping open.
+pub struct SourceCatalog {
+    role: pg_sys::Oid,
+    conninfo: String,
+}
+
+impl SourceCatalog {
+    pub fn new(role: pg_sys::Oid, conninfo: &str) -> SourceCatalog {
+        SourceCatalog { role, conninfo: conninfo.to_string() }
+    }
+
+    /// A column's type as the source declares it (`format_type`, schema-qualified unless in
+    /// pg_catalog); None when the table has no such column.
+    pub fn column_type(&self, table: &crate::decode::TableName, column: &str) -> Result<Option<String>, SqlError> {
+        let qualified = crate::route::qualified(table, &crate::apply::quote_ident);
+        let sql = format!(
+            "SELECT t FROM {}.dblink($1, format(
+                 'set search_path = pg_catalog;
+                  select format_type(a.atttypid, a.atttypmod) from pg_attribute a
+                   where a.attrelid = to_regclass(%L) and a.attname = %L and a.attnum > 0 and not a.attisdropped',
+                 $2::text, $3::text)) AS t(t text)",
+            dblink_schema()
+        );
+        let args = [self.conninfo.as_str().into(), qualified.as_str().into(), column.into()];
+        crate::tx::catching(|| Ok(crate::roles::as_role(self.role, || crate::spi::value::<String>(&sql, &args))))
     }
 }

@@ -126,7 +126,8 @@ pub fn record_batch(job: &str, info: &BatchInfo, events: i64, skipped: &crate::a
         "UPDATE cube_dispatcher.job_state SET last_tick_id = $2, last_batch_id = $3, last_batch_end = $4::timestamptz,
                 batches_done = batches_done + 1, events_done = events_done + $5, lag = $6::interval,
                 recent_eps = $7, state = 'running', last_batch_at = clock_timestamp(), updated_at = now(),
-                old_events_skipped = old_events_skipped + $8, events_skipped = events_skipped + $9
+                old_events_skipped = old_events_skipped + $8, events_skipped = events_skipped + $9,
+                values_ignored = values_ignored + $10
           WHERE job_name = $1",
         &[
             job.into(),
@@ -138,6 +139,7 @@ pub fn record_batch(job: &str, info: &BatchInfo, events: i64, skipped: &crate::a
             recent_eps.into(),
             skipped.old.into(),
             skipped.filtered.into(),
+            skipped.values.into(),
         ],
     )
 }

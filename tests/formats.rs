@@ -74,10 +74,8 @@ fn jsontriga_and_logutriga_rows_arrive_as_the_source_holds_them() {
     let all = |t: &str| c.query("target", &format!("SELECT * FROM {t}_{month} ORDER BY id, tx"));
     assert_eq!(all("t_url").len(), 3 + 3000 + 2);
     assert_eq!(all("t_json"), all("t_url"), "keep_all: both formats give the same rows");
-    let latest_versions = c.query(
-        "target",
-        &format!("SELECT DISTINCT ON (id) * FROM t_json_{month} WHERE id <> 2 ORDER BY id, tx DESC"),
-    );
+    let latest_versions =
+        c.query("target", &format!("SELECT DISTINCT ON (id) * FROM t_json_{month} WHERE id <> 2 ORDER BY id, tx DESC"));
     assert_eq!(latest_versions, source, "keep_all: the last version of each row is the source's");
     assert_eq!(c.status("every", "events_skipped").as_deref(), Some("2"), "the two deletes, skipped by event_types");
     assert_eq!(c.status("latest", "events_skipped").as_deref(), Some("0"));
@@ -89,7 +87,12 @@ fn jsontriga_and_logutriga_rows_arrive_as_the_source_holds_them() {
 #[test]
 fn truncate_events_follow_ignore_truncate() {
     let c = Cluster::start();
-    let tables = [("qa", "a_url", "logutriga"), ("qa", "a_json", "jsontriga"), ("qb", "b_url", "logutriga"), ("qb", "b_json", "jsontriga")];
+    let tables = [
+        ("qa", "a_url", "logutriga"),
+        ("qa", "a_json", "jsontriga"),
+        ("qb", "b_url", "logutriga"),
+        ("qb", "b_json", "jsontriga"),
+    ];
     for q in ["qa", "qb"] {
         c.create_queue(q);
     }
@@ -163,4 +166,163 @@ fn event_types_per_table() {
     assert_eq!(rows("orders"), want(&["1v", "2v", "3v", "4v"]), "orders: the update and the delete skipped");
     assert_eq!(rows("lines"), want(&["1u", "3v", "4v"]), "lines: everything applied");
     assert_eq!(c.status("f", "events_skipped").as_deref(), Some("2"));
+}
+
+/// fields, skip_fields and table_map: per table, columns kept, renamed and dropped, and events
+/// written into another parent; a keep_latest key left out is refused at start(), naming the
+/// option, or, for a table only a catch-all entry covers, at its event.
+#[test]
+fn fields_skip_fields_and_table_map() {
+    let c = Cluster::start();
+    c.create_queue("q");
+    c.source_sql(
+        "CREATE TABLE orders (id int PRIMARY KEY, amount numeric, note text, secret text);
+         CREATE TABLE users (id int PRIMARY KEY, name text, pin text);
+         CREATE TRIGGER r AFTER INSERT OR UPDATE OR DELETE ON orders FOR EACH ROW EXECUTE PROCEDURE pgq.jsontriga('q');
+         CREATE TRIGGER r AFTER INSERT OR UPDATE OR DELETE ON users FOR EACH ROW EXECUTE PROCEDURE pgq.logutriga('q')",
+    );
+    c.target_sql(
+        "CREATE SCHEMA bi; CREATE TABLE bi.orders_hist (order_id int PRIMARY KEY, total numeric, note text);
+         CREATE TABLE users (id int PRIMARY KEY, name text)",
+    );
+    let opts = [
+        ("fields", "public.orders:id:order_id, amount:total, note"),
+        ("skip_fields", "pin"),
+        ("table_map", "public.orders:bi.orders_hist"),
+        ("tables", "bi.orders_hist, public.users"),
+    ];
+    // leaving out the key of a parent the option names: refused before anything runs
+    let conn = c.src_conninfo();
+    c.configure(
+        "bad",
+        &[
+            ("src_db", conn.as_str()),
+            ("pgq_queue_name", "q"),
+            ("fields", "public.orders:amount:total"),
+            ("table_map", "public.orders:bi.orders_hist"),
+        ],
+    );
+    let (code, msg) = c.try_exec_state("target", "SELECT cube_dispatcher.start('bad')").unwrap_err();
+    assert_eq!(code, "22023", "{msg}");
+    assert!(
+        msg.contains("cube_dispatcher.bad.fields")
+            && msg.contains("leaves out column \"order_id\" of the primary key of bi.orders_hist"),
+        "{msg}"
+    );
+
+    c.start_job("f", "q", &opts);
+    c.source_sql(
+        "INSERT INTO orders VALUES (1, 9.5, 'n1', 's1'), (2, 3, NULL, 's2'); UPDATE orders SET amount = 10 WHERE id = 1;
+         DELETE FROM orders WHERE id = 2; INSERT INTO users VALUES (7, 'ann', '1234')",
+    );
+    c.tick("q");
+    c.wait_caught_up("q", "f");
+    let day = c.suffix("YYYY_MM_DD");
+    assert_eq!(
+        c.query("target", &format!("SELECT order_id::text, total::text, note FROM bi.orders_hist_{day}")),
+        vec![vec![Some("1".into()), Some("10".into()), Some("n1".into())]],
+        "renamed, secret not written, the delete found by the renamed key"
+    );
+    assert_eq!(
+        c.query("target", &format!("SELECT id::text, name FROM users_{day}")),
+        vec![vec![Some("7".into()), Some("ann".into())]]
+    );
+    let stray = c.value("target", "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'orders%'");
+    assert_eq!(stray.as_deref(), Some("0"), "nothing written under the source's name");
+
+    // a catch-all entry that leaves out users' key: the event says so
+    c.exec("target", "ALTER DATABASE target SET cube_dispatcher.f.skip_fields = 'public.orders:secret; id'");
+    c.exec("target", "SELECT cube_dispatcher.reload('f')");
+    c.source_sql("INSERT INTO users VALUES (8, 'bob', '0000')");
+    c.tick("q");
+    c.wait_status("f", "last_error", |e| {
+        e.is_some_and(|e| e.contains("primary key column \"id\" is dropped by skip_fields"))
+    });
+}
+
+/// A column added on the source: new_columns = error retries until a DBA adds it, ignore leaves
+/// its values out (logged once, counted), add gives the parent and the partition the column
+/// with the source's type; under a native parent the parent's ALTER reaches the partition.
+#[test]
+fn new_columns_error_ignore_and_add() {
+    let c = Cluster::start();
+    let jobs = [
+        ("je", "error", "logutriga", ""),
+        ("ji", "ignore", "jsontriga", ""),
+        ("ja", "add", "jsontriga", ""),
+        ("jn", "add", "logutriga", " PARTITION BY RANGE (day)"),
+    ];
+    for (job, _, trigger, native) in jobs {
+        let q = format!("q_{job}");
+        c.create_queue(&q);
+        c.source_sql(&format!(
+            "CREATE TABLE t_{job} (id int PRIMARY KEY, day date, txt text);
+             CREATE TRIGGER r AFTER INSERT OR UPDATE OR DELETE ON t_{job} FOR EACH ROW EXECUTE PROCEDURE pgq.{trigger}('{q}')"
+        ));
+        let key = if native.is_empty() { "PRIMARY KEY" } else { "" };
+        c.target_sql(&format!("CREATE TABLE t_{job} (id int {key}, day date, txt text){native}"));
+    }
+    for (job, new_columns, _, native) in jobs {
+        let mut opts = vec![("mode", "keep_all"), ("new_columns", new_columns)];
+        if !native.is_empty() {
+            opts.extend([("part_mode", "date_field"), ("part_field", "day")]);
+        }
+        c.start_job(job, &format!("q_{job}"), &opts);
+    }
+    let round = |sql: &str| {
+        for (job, ..) in jobs {
+            c.source_sql(&sql.replace("$T", &format!("t_{job}")));
+            c.tick(&format!("q_{job}"));
+        }
+    };
+    round("INSERT INTO $T VALUES (1, current_date, 'a')");
+    round(
+        "ALTER TABLE $T ADD COLUMN price numeric(10,2), ADD COLUMN \"Tags\" text[];
+         INSERT INTO $T VALUES (2, current_date, 'b', 9.99, '{x,\"y z\"}')",
+    );
+    for (job, ..) in &jobs[1..] {
+        c.wait_caught_up(&format!("q_{job}"), job);
+    }
+    let day = c.suffix("YYYY_MM_DD");
+    // error: the batch waits for a DBA
+    c.wait_status("je", "last_error", |e| {
+        e.is_some_and(|e| e.contains(&format!("column \"price\" does not exist in public.t_je_{day}")))
+    });
+    c.target_sql(&format!("ALTER TABLE t_je_{day} ADD COLUMN price numeric(10,2), ADD COLUMN \"Tags\" text[]"));
+    c.wait_caught_up("q_je", "je");
+    // ignore: rows without the values, counted, one log line per column
+    assert_eq!(c.query("target", &format!("SELECT id::text, txt FROM t_ji_{day} ORDER BY id")).len(), 2);
+    assert_eq!(c.status("ji", "values_ignored").as_deref(), Some("2"));
+    round("INSERT INTO $T VALUES (3, current_date, 'c', 1, NULL)");
+    c.wait_caught_up("q_ji", "ji");
+    assert_eq!(c.status("ji", "values_ignored").as_deref(), Some("4"));
+    assert_eq!(c.log().matches("column \"price\" of public.t_ji is not in").count(), 1, "logged once");
+    // add: the source's types, on the parent and the partition; the values are there
+    let typed = |table: &str| {
+        c.query(
+            "target",
+            &format!(
+                "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute
+                  WHERE attrelid = '{table}'::regclass AND attname IN ('price', 'Tags') ORDER BY 1"
+            ),
+        )
+    };
+    let want = vec![
+        vec![Some("Tags".to_string()), Some("text[]".to_string())],
+        vec![Some("price".to_string()), Some("numeric(10,2)".to_string())],
+    ];
+    for table in ["t_ja".to_string(), format!("t_ja_{day}"), "t_jn".to_string(), format!("t_jn_{day}")] {
+        assert_eq!(typed(&table), want, "{table}");
+    }
+    for job in ["je", "ja", "jn"] {
+        c.wait_caught_up(&format!("q_{job}"), job);
+        let rows = c.query("target", &format!("SELECT id::text, price::text, \"Tags\"::text FROM t_{job} ORDER BY id"));
+        let rows = if job == "jn" {
+            rows
+        } else {
+            c.query("target", &format!("SELECT id::text, price::text, \"Tags\"::text FROM t_{job}_{day} ORDER BY id"))
+        };
+        assert_eq!(rows[1], vec![Some("2".into()), Some("9.99".into()), Some("{x,\"y z\"}".into())], "{job}");
+    }
+    assert!(c.log().contains(&format!("added column price numeric(10,2) to public.t_ja and public.t_ja_{day}")));
 }

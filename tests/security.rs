@@ -432,3 +432,38 @@ fn a_tables_list_that_does_not_read_back_stops_the_job_instead_of_allowing_all()
         Some("0")
     );
 }
+
+/// new_columns = add runs as the job's role: a parent it does not own is a clear error, never
+/// a silent drop.
+#[test]
+fn new_columns_add_needs_the_job_to_own_the_parent() {
+    let c = with_operator();
+    as_op(
+        &c,
+        &format!(
+            "SET cube_dispatcher.adder.src_db = {}; SET cube_dispatcher.adder.pgq_queue_name = 'q';
+             SET cube_dispatcher.adder.loop_delay = '0.2'; SET cube_dispatcher.adder.new_columns = 'add';
+             SELECT cube_dispatcher.start('adder')",
+            literal(&op_conninfo(&c, true))
+        ),
+    )
+    .unwrap();
+    c.source_sql("ALTER TABLE orders ADD COLUMN price numeric; INSERT INTO orders VALUES (1, 'a', 2.5)");
+    c.tick("q");
+    c.wait_status("adder", "last_error", |e| {
+        e.is_some_and(|e| e.contains("adding column \"price\" to public.orders failed: must be owner of table orders"))
+    });
+    assert_eq!(
+        c.value(
+            "target",
+            "SELECT count(*) FROM pg_attribute WHERE attrelid = 'orders'::regclass AND attname = 'price'"
+        )
+        .as_deref(),
+        Some("0")
+    );
+    // the DBA hands the table over: the job adds the column and goes on
+    c.target_sql("ALTER TABLE orders OWNER TO op");
+    c.wait_caught_up("q", "adder");
+    let part = format!("orders_{}", c.suffix("YYYY_MM_DD"));
+    assert_eq!(c.value("target", &format!("SELECT price::text FROM {part}")).as_deref(), Some("2.5"));
+}

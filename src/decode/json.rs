@@ -219,15 +219,24 @@ mod tests {
         // nested values keep their JSON text; whitespace around members is fine; escaped names
         let got = decoded(" { \"j\" : {\"k\": [1,\n2]} , \"a\\u0062\" : 2.5e3 } ").unwrap();
         assert_eq!(got, vec![("j".into(), Some("{\"k\": [1,\n2]}".into())), ("ab".into(), Some("2.5e3".into()))]);
-        assert_eq!(copy_text(r#"{"j":{"k":[1,
-2]}}"#), "{\"k\":[1,\\n2]}|");
+        assert_eq!(
+            copy_text(
+                r#"{"j":{"k":[1,
+2]}}"#
+            ),
+            "{\"k\":[1,\\n2]}|"
+        );
         assert_eq!(decoded("{}").unwrap(), vec![]);
     }
 
     #[test]
     fn bad_rows() {
         let err = |d: &str| decoded(d).unwrap_err().to_string();
-        assert!(err("[1,2]").starts_with("ev_data is not valid JSON: invalid type: sequence, expected an object"), "{}", err("[1,2]"));
+        assert!(
+            err("[1,2]").starts_with("ev_data is not valid JSON: invalid type: sequence, expected an object"),
+            "{}",
+            err("[1,2]")
+        );
         assert!(err("\"id=1\"").contains("expected an object"));
         assert!(err(r#"{"a":1"#).starts_with("ev_data is not valid JSON: EOF"));
         assert!(err(r#"{"a":1} x"#).contains("trailing characters"));

@@ -230,10 +230,9 @@ impl Cluster {
     /// One queue carrying both event formats, interleaved: rows with an odd `key` are sent by
     /// pgq.jsontriga, the others by pgq.logutriga (each key always by the same trigger).
     pub fn add_mixed_triggers(&self, table: &str, queue: &str, key: &str) {
-        for (name, when, trigger) in [
-            ("url", format!("NEW.{key} % 2 = 0"), "logutriga"),
-            ("json", format!("NEW.{key} % 2 = 1"), "jsontriga"),
-        ] {
+        for (name, when, trigger) in
+            [("url", format!("NEW.{key} % 2 = 0"), "logutriga"), ("json", format!("NEW.{key} % 2 = 1"), "jsontriga")]
+        {
             self.exec(
                 "source",
                 &format!(
