@@ -592,6 +592,8 @@ impl<'a> BatchWriter<'a> {
         row: Row<'e>,
     ) -> Result<(Rc<Vec<String>>, Row<'e>), EventError> {
         let (pkey, row) = match (&self.job.fields, &self.job.skip_fields) {
+            // a truncate has no row, nor needs a key
+            _ if op == Op::Truncate => return Ok((pkey, row)),
             (None, None) => (pkey, row),
             _ => {
                 let rules = self.rules_of(ev)?;
@@ -601,9 +603,7 @@ impl<'a> BatchWriter<'a> {
                 }
             }
         };
-        if op != Op::Truncate {
-            self.job.mode.check(op, &pkey, &row)?;
-        }
+        self.job.mode.check(op, &pkey, &row)?;
         Ok((pkey, row))
     }
 
