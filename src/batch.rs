@@ -142,7 +142,9 @@ pub fn run(
     let started = Instant::now();
     let mut batch_id = None;
     let written = try_in_transaction(|| {
-        let Some(info) = source.next_batch(&cfg.pgq_queue_name, &cfg.pgq_consumer_id, cfg.suffix_format()) else {
+        let size = crate::source::BatchSize::of(cfg);
+        let Some(info) = source.next_batch(&cfg.pgq_queue_name, &cfg.pgq_consumer_id, cfg.suffix_format(), &size)
+        else {
             return Ok(None);
         };
         batch_id = Some(info.batch_id);

@@ -8,7 +8,7 @@
 use crate::decode::TableName;
 use crate::mode::Mode;
 use crate::per_table::{Columns, EventTypes, Fields, PerTable};
-use crate::placement::{DateFormat, PartField, PartMode, Period, Retention};
+use crate::placement::{DateFormat, Interval, PartField, PartMode, Period};
 use std::collections::BTreeMap;
 use thiserror::Error;
 
@@ -239,6 +239,23 @@ impl<const ZERO: bool> Kind<f64> for Seconds<ZERO> {
     }
 }
 
+/// A count of events for PgQ (int4), greater than zero; none when unset or empty.
+struct Count;
+impl Kind<Option<i32>> for Count {
+    fn parse(text: Option<&str>, _: &Context) -> Result<Option<i32>, String> {
+        match text.map(str::trim) {
+            None | Some("") => Ok(None),
+            Some(t) => match t.parse::<i32>() {
+                Ok(n) if n > 0 => Ok(Some(n)),
+                _ => Err("expected a whole number of events greater than 0".into()),
+            },
+        }
+    }
+    fn text(value: &Option<i32>) -> Option<String> {
+        value.map(|n| n.to_string())
+    }
+}
+
 struct Words;
 impl<T: Word> Kind<T> for Words {
     fn parse(text: Option<&str>, _: &Context) -> Result<T, String> {
@@ -295,9 +312,9 @@ impl<T: crate::per_table::EntryValue> TextValue for crate::per_table::PerTable<T
     }
 }
 
-impl TextValue for Retention {
+impl TextValue for Interval {
     fn from_text(text: &str) -> Result<Self, String> {
-        Retention::parse(text).map_err(str::to_string)
+        Interval::parse(text).map_err(str::to_string)
     }
     fn text(&self) -> &str {
         &self.0
@@ -359,7 +376,7 @@ options! {
         "which time places a row: batch_time, event_time, date_field or current_time";
     part_field: Option<PartField>, Parsed, Unset::Means("unset"), NextBatch,
         "date_field: the column whose time places a row, or per table: schema.table:column;...";
-    retention_period: Option<Retention>, Parsed, Unset::Means("unset: keep everything"), NextBatch,
+    retention_period: Option<Interval>, Parsed, Unset::Means("unset: keep everything"), NextBatch,
         "how long a partition is kept after its period ended, e.g. 90 days; older ones are dropped";
     ignore_old_events: bool, Bool, Unset::Value("off"), NextBatch,
         "skip (and count) events for partitions already past retention_period";
@@ -393,6 +410,12 @@ options! {
         "columns dropped, separated by ','; or per table schema.table:a,b;...";
     table_map: Option<PerTable<TableName>>, Parsed, Unset::Means("unset: each table's own name"), NextBatch,
         "the parent a table's events are written into: schema.table:schema.parent;...";
+    pgq_min_count: Option<i32>, Count, Unset::Means("unset: one tick per batch"), NextBatch,
+        "merge ticks until a batch holds at least this many events (pgq.next_batch_custom)";
+    pgq_min_interval: Option<Interval>, Parsed, Unset::Means("unset"), NextBatch,
+        "merge ticks until a batch covers at least this long, e.g. 1 minute";
+    pgq_min_lag: Option<Interval>, Parsed, Unset::Means("unset"), NextBatch,
+        "take a batch only once its last tick is at least this old, e.g. 5 minutes";
     new_columns: NewColumns, Words, Unset::Value("error"), NextBatch,
         "a column the target lacks: error (retried until added), ignore (value dropped, counted) or add (with the source's type)";
 }

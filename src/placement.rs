@@ -104,16 +104,17 @@ pub enum DateFormat {
 /// `part_field`: the column whose time places a row, for every table or per table.
 pub type PartField = crate::per_table::PerTable<String>;
 
-/// `retention_period`: how long partitions are kept after their period ended, as PostgreSQL
-/// reads an interval: one or more `<number> <unit>` (`90 days`, `3 months`, `1 year 6 months`).
+/// A positive interval as PostgreSQL reads it, of whole units: one or more `<number> <unit>`
+/// (`90 days`, `3 months`, `1 year 6 months`, `30 seconds`): retention_period, pgq_min_interval,
+/// pgq_min_lag. Checked here so a typo is an error at start(), not in the worker.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Retention(pub String);
+pub struct Interval(pub String);
 
-impl Retention {
-    pub fn parse(text: &str) -> Result<Retention, &'static str> {
+impl Interval {
+    pub fn parse(text: &str) -> Result<Interval, &'static str> {
         const UNITS: &[&str] = &[
-            "minute", "minutes", "min", "mins", "hour", "hours", "h", "day", "days", "d", "week", "weeks", "w",
-            "month", "months", "mon", "mons", "year", "years", "y",
+            "second", "seconds", "sec", "secs", "s", "minute", "minutes", "min", "mins", "hour", "hours", "h", "day",
+            "days", "d", "week", "weeks", "w", "month", "months", "mon", "mons", "year", "years", "y",
         ];
         let words: Vec<&str> = text.split_whitespace().collect();
         let pairs = words.chunks(2);
@@ -124,14 +125,14 @@ impl Retention {
             };
             let n: u32 = n.parse().map_err(|_| "expected an interval such as '90 days' or '3 months'")?;
             if !UNITS.contains(&unit.to_ascii_lowercase().as_str()) {
-                return Err("expected an interval of minutes, hours, days, weeks, months or years");
+                return Err("expected an interval of seconds, minutes, hours, days, weeks, months or years");
             }
             any |= n > 0;
         }
         if !any {
             return Err("expected an interval greater than zero, such as '90 days'");
         }
-        Ok(Retention(text.trim().to_string()))
+        Ok(Interval(text.trim().to_string()))
     }
 }
 
@@ -151,11 +152,11 @@ mod tests {
 
     #[test]
     fn retention_periods() {
-        for ok in ["90 days", "3 months", "1 year 6 months", "12 HOURS", " 2 weeks "] {
-            assert!(Retention::parse(ok).is_ok(), "{ok:?}");
+        for ok in ["90 days", "3 months", "1 year 6 months", "12 HOURS", " 2 weeks ", "30 seconds", "1 min 30 s"] {
+            assert!(Interval::parse(ok).is_ok(), "{ok:?}");
         }
-        for bad in ["", "90", "days", "0 days", "-1 day", "1 fortnight", "1 day; drop table x", "1.5 days"] {
-            assert!(Retention::parse(bad).is_err(), "{bad:?}");
+        for bad in ["", "90", "days", "0 days", "-1 day", "1 fortnight", "1 day; drop table x", "1.5 days", "0 s"] {
+            assert!(Interval::parse(bad).is_err(), "{bad:?}");
         }
     }
 }

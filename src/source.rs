@@ -153,7 +153,15 @@ impl Source {
     /// The next batch with everything needed to process it, in one round trip: its ticks, end
     /// time and partition suffix (to_char evaluated on the source, as the original did), lag,
     /// and the SQL that selects its events. None when there is no batch.
-    pub fn next_batch(&mut self, queue: &str, consumer: &str, dateformat: Option<&str>) -> Option<BatchInfo> {
+    /// `size`: pgq.next_batch_custom's min_lag, min_count, min_interval (all None: one tick per
+    /// batch, what pgq.next_batch does).
+    pub fn next_batch(
+        &mut self,
+        queue: &str,
+        consumer: &str,
+        dateformat: Option<&str>,
+        size: &BatchSize,
+    ) -> Option<BatchInfo> {
         self.connect();
         let sql = self.dblink(
             "SELECT id, prev_tick_id, tick_id, batch_end::text, suffix, lag::text, events_sql, time_zone
@@ -161,15 +169,25 @@ impl Source {
                         'select b.id, i.prev_tick_id, i.tick_id, i.batch_end, to_char(i.batch_end, %L), i.lag,
                                 case when b.id is not null then pgq.batch_event_sql(b.id) end,
                                 current_setting(''TimeZone'')
-                           from (select pgq.next_batch(%L, %L) as id) b
+                           from (select batch_id as id
+                                   from pgq.next_batch_custom(%L, %L, %L::interval, %L::int4, %L::interval)) b
                            left join lateral pgq.get_batch_info(b.id) i on b.id is not null',
-                        coalesce($4, ''), $2::text, $3::text))
+                        coalesce($4, ''), $2::text, $3::text, $5::text, $6::int4, $7::text))
                      AS t(id bigint, prev_tick_id bigint, tick_id bigint, batch_end timestamptz, suffix text,
                       lag interval, events_sql text, time_zone text)",
         );
         crate::roles::as_role(self.role, || {
             Spi::connect(|c| {
-                let rows = c.select(&sql, Some(1), &[CONN.into(), queue.into(), consumer.into(), dateformat.into()])?;
+                let args = [
+                    CONN.into(),
+                    queue.into(),
+                    consumer.into(),
+                    dateformat.into(),
+                    size.min_lag.into(),
+                    size.min_count.into(),
+                    size.min_interval.into(),
+                ];
+                let rows = c.select(&sql, Some(1), &args)?;
                 let row = rows.first();
                 let Some(batch_id) = row.get::<i64>(1)? else { return Ok(None) };
                 Ok::<_, pgrx::spi::Error>(Some(BatchInfo {
@@ -332,6 +350,25 @@ unsafe fn borrow_events<'t>(table: *mut pg_sys::SPITupleTable, n: usize) -> Vec<
                 }
             })
             .collect()
+    }
+}
+
+/// How big a batch may grow: Skytools 3 consumers' pgq_min_lag, pgq_min_count,
+/// pgq_min_interval, as pgq.next_batch_custom takes them.
+#[derive(Debug, Clone, Default)]
+pub struct BatchSize<'a> {
+    pub min_lag: Option<&'a str>,
+    pub min_count: Option<i32>,
+    pub min_interval: Option<&'a str>,
+}
+
+impl<'a> BatchSize<'a> {
+    pub fn of(cfg: &'a crate::config::JobConfig) -> BatchSize<'a> {
+        BatchSize {
+            min_lag: cfg.pgq_min_lag.as_ref().map(|i| i.0.as_str()),
+            min_count: cfg.pgq_min_count,
+            min_interval: cfg.pgq_min_interval.as_ref().map(|i| i.0.as_str()),
+        }
     }
 }
 

@@ -397,3 +397,49 @@ fn a_keep_all_batch_switching_tables_and_columns_keeps_every_event_once() {
     assert_eq!(c.status("mix", "batches_done").as_deref(), Some("1"));
     assert_eq!(c.status("mix", "events_done").as_deref(), Some("16000"));
 }
+
+/// pgq_min_count merges the ticks of a backlog into bigger batches (pgq.next_batch_custom): ten
+/// ticks of 100 events go in batches of at least 300 each; fewer than 300 left over wait until
+/// the count is reached or, with pgq_min_interval, until a batch would cover that long. Every
+/// row once. (Which ticks PgQ merges depends on where the ticks fall, so the test checks what
+/// must hold of any merge.)
+#[test]
+fn pgq_min_count_merges_the_ticks_of_a_backlog() {
+    let c = Cluster::start();
+    c.feed("q", "orders", ORDERS, ORDERS);
+    c.start_job("m", "q", &[("pgq_min_count", "300")]);
+    c.target_sql("SELECT cube_dispatcher.stop('m')");
+    c.wait_status("m", "state", |s| s == Some("stopped"));
+    // ticks as the ticker makes them: pgq.force_tick would advance the event counter that
+    // next_batch_custom counts by a thousand or more per tick
+    c.source_sql("SELECT pgq.set_queue_config('q', 'ticker_max_count', '100')");
+    let tick_of_100 = |k: i32| {
+        c.source_sql(&format!(
+            "INSERT INTO orders SELECT g, 't', g FROM generate_series({}, {}) g",
+            k * 100 + 1,
+            k * 100 + 100
+        ));
+        c.source_sql("SELECT pgq.ticker('q')");
+    };
+    (0..10).for_each(tick_of_100);
+    let ticks = c.value(
+        "source",
+        "SELECT count(*) FROM pgq.tick t JOIN pgq.queue q ON q.queue_id = t.tick_queue WHERE q.queue_name = 'q'",
+    );
+    let ticks: i64 = ticks.unwrap().parse().unwrap();
+    c.target_sql("SELECT cube_dispatcher.start('m')");
+    let done = |col: &str| c.status("m", col).unwrap_or_default().parse::<i64>().unwrap_or(0);
+    c.wait_until("batches of the backlog", std::time::Duration::from_secs(30), || done("events_done") >= 700);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let (events, batches) = (done("events_done"), done("batches_done"));
+    assert!(batches < ticks - 1 && events / batches >= 300, "{events} events in {batches} batches from {ticks} ticks");
+    // what is left waits; with pgq_min_interval, a batch that covers a second is taken
+    c.configure("m", &[("pgq_min_interval", "1 second")]);
+    c.target_sql("SELECT cube_dispatcher.reload('m')");
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    tick_of_100(10);
+    c.wait_caught_up("q", "m");
+    let part = format!("orders_{}", c.suffix("YYYY_MM_DD"));
+    assert_eq!(c.value("target", &format!("SELECT count(DISTINCT id) FROM {part}")).as_deref(), Some("1100"));
+    assert_eq!(c.count("target", &part), 1100);
+}
