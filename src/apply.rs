@@ -5,7 +5,7 @@
 use crate::config::{JobConfig, NewColumns};
 use crate::decode::{self, DecodeError, Format, Op, Row, TableName};
 use crate::event::{Chunks, RawEvent};
-use crate::mode::ModeError;
+use crate::mode::{ModeError, OnTruncate};
 use crate::native;
 use crate::part_time::{Placement, TimeOf};
 use crate::placement::PartMode;
@@ -79,8 +79,6 @@ pub enum EventError {
     NoType { column: String, ty: String },
     #[error("adding column {column:?} to {table} failed: {cause}")]
     AddColumn { column: String, table: String, cause: SqlError },
-    #[error("a truncate carries no row, so part_mode date_field cannot place it: set ignore_truncate = on, or empty the partitions by hand and skip the event")]
-    TruncateUnplaced,
     #[error("{what} {value:?} is not a time: {cause}")]
     NotATime { what: String, value: String, cause: SqlError },
     #[error("{0}")]
@@ -267,6 +265,8 @@ pub struct BatchWriter<'a> {
     catalog: Option<crate::source::SourceCatalog>,
     /// partitions past the retention period, found so (ignore_old_events)
     expired: std::collections::HashSet<TableName>,
+    /// what a truncate does, asked of the mode once: it depends only on the job and the placement
+    on_truncate: Result<OnTruncate, ModeError>,
 }
 
 /// Events a batch did not write, by reason; counted in the job's status.
@@ -341,7 +341,9 @@ fn run_sql(sql: &str, args: &[DatumWithOid]) -> Result<(), SqlError> {
 
 impl<'a> BatchWriter<'a> {
     pub fn new(job: &'a JobConfig, role: pg_sys::Oid, placement: Placement) -> Self {
+        let placed_by_row = matches!(placement.time_of(), Some(TimeOf::Field));
         BatchWriter {
+            on_truncate: job.mode.on_truncate(job.ignore_truncate, placed_by_row),
             job,
             role,
             placement,
@@ -562,7 +564,7 @@ impl<'a> BatchWriter<'a> {
     /// Whether the job applies events of `op` to the event's table (event_types,
     /// ignore_truncate); what it does not apply is skipped and counted.
     fn applies(&mut self, ev: &RawEvent, op: Op) -> Result<bool, EventError> {
-        if op == Op::Truncate && self.job.ignore_truncate {
+        if op == Op::Truncate && self.on_truncate == Ok(OnTruncate::Skip) {
             return Ok(false);
         }
         if self.job.event_types.is_none() {
@@ -571,13 +573,11 @@ impl<'a> BatchWriter<'a> {
         Ok(self.rules_of(ev)?.event_types.is_none_or(|t| t.applies(op)))
     }
 
-    /// An event's row as the trigger sent it. A truncate has none, and is checked here.
+    /// An event's row as the trigger sent it. A truncate has none; one the mode refuses is
+    /// refused here, after `applies` has read the table as for any event.
     fn row_of<'e>(&self, ev: &'e RawEvent, op: Op, format: Format) -> Result<Row<'e>, EventError> {
         if op == Op::Truncate {
-            self.job.mode.check(op, &[], &Vec::new())?;
-            if let Some(TimeOf::Field) = self.placement.time_of() {
-                return Err(EventError::TruncateUnplaced);
-            }
+            self.on_truncate.clone()?;
             return Ok(Vec::new());
         }
         Ok(decode::parse_row(format, ev.ev_data.as_deref())?)
@@ -591,9 +591,11 @@ impl<'a> BatchWriter<'a> {
         pkey: Rc<Vec<String>>,
         row: Row<'e>,
     ) -> Result<(Rc<Vec<String>>, Row<'e>), EventError> {
+        if op == Op::Truncate {
+            // no row, nor a key to find one by: row_of has asked the mode about it
+            return Ok((pkey, row));
+        }
         let (pkey, row) = match (&self.job.fields, &self.job.skip_fields) {
-            // a truncate has no row, nor needs a key
-            _ if op == Op::Truncate => return Ok((pkey, row)),
             (None, None) => (pkey, row),
             _ => {
                 let rules = self.rules_of(ev)?;
