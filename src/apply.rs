@@ -8,6 +8,7 @@ use crate::event::{Chunks, RawEvent};
 use crate::mode::{ModeError, OnTruncate};
 use crate::native;
 use crate::part_time::{Placement, TimeOf};
+use crate::per_table::TableRules;
 use crate::placement::PartMode;
 use crate::plan::{self, Change, DeleteGroup, InsertGroup};
 use crate::reshape::{Reshape, ReshapeError};
@@ -254,8 +255,8 @@ pub struct BatchWriter<'a> {
     /// their parsed form instead of parsing and hashing again.
     last_table: Option<(String, Option<String>, usize)>,
     /// ev_extra1 -> what the per-table options say for that table
-    last_rules: Option<(String, Rc<TableRules>)>,
-    rules: HashMap<String, Rc<TableRules>>,
+    last_rules: Option<(String, Rc<Rules>)>,
+    rules: HashMap<String, Rc<Rules>>,
     last_type: Option<(String, Op, Rc<Vec<String>>, Format)>,
     /// partitions created, for the log and the job's list of partitions
     pub created: Vec<Created>,
@@ -284,21 +285,14 @@ pub struct Skipped {
 /// Key column names, shared by the events that carry the same ones.
 type Key = Rc<Vec<String>>;
 
-/// What the job's per-table options say for one table, looked up once per table and batch.
-struct TableRules {
-    /// as the events name it
-    parent: TableName,
-    /// where its events are written (table_map)
-    dest: TableName,
-    part_field: Option<String>,
-    event_types: Option<crate::per_table::EventTypes>,
-    /// fields, skip_fields
-    reshape: Option<Reshape>,
+/// A table's rules as the writer keeps them: looked up once per table and batch.
+struct Rules {
+    table: TableRules,
     /// the last key mapped through reshape: the event's, and the target's (or why not)
     last_key: std::cell::RefCell<Option<(Key, Result<Key, ReshapeError>)>>,
 }
 
-impl TableRules {
+impl Rules {
     /// The key columns under their target names. keep_latest needs every one of them; keep_all
     /// only names the key in templates (_PKEY), so a dropped column just leaves it.
     fn key(
@@ -393,7 +387,7 @@ impl<'a> BatchWriter<'a> {
         };
         // table_map: the parent the events are written into, which the allow-list is about
         let rules = self.rules_of(ev).map_err(fail)?;
-        let parent = &rules.dest;
+        let parent = &rules.table.dest;
         if self.job.tables.as_ref().is_some_and(|t| !t.allows(&parent.schema, &parent.table)) {
             return Err(fail(EventError::NotAllowed(route::qualified(parent, &quote_ident))));
         }
@@ -406,10 +400,14 @@ impl<'a> BatchWriter<'a> {
                 return Ok(None);
             }
             None => {
-                let field = rules.part_field.as_deref();
-                let p = self.open_partition(&dest, parent, pkey, suffix.as_deref(), field, &rules.parent).map_err(
-                    |cause| ApplyError::Event { ev_id: ev.ev_id, table: route::qualified(parent, &quote_ident), cause },
-                )?;
+                let field = rules.table.part_field.as_deref();
+                let p = self
+                    .open_partition(&dest, parent, pkey, suffix.as_deref(), field, &rules.table.source)
+                    .map_err(|cause| ApplyError::Event {
+                        ev_id: ev.ev_id,
+                        table: route::qualified(parent, &quote_ident),
+                        cause,
+                    })?;
                 self.partitions.push(p);
                 self.by_name.insert(dest, self.partitions.len() - 1);
                 self.partitions.len() - 1
@@ -490,7 +488,7 @@ impl<'a> BatchWriter<'a> {
     }
 
     /// The per-table options for the event's table (ev_extra1 parsed once per table and batch).
-    fn rules_of(&mut self, ev: &RawEvent) -> Result<Rc<TableRules>, EventError> {
+    fn rules_of(&mut self, ev: &RawEvent) -> Result<Rc<Rules>, EventError> {
         let raw = ev.ev_extra1.as_deref().unwrap_or_default();
         if let Some((last, rules)) = &self.last_rules {
             if last == raw {
@@ -500,20 +498,8 @@ impl<'a> BatchWriter<'a> {
         let rules = match self.rules.get(raw) {
             Some(r) => r.clone(),
             None => {
-                let parent = decode::parse_table(ev.ev_extra1.as_deref())?;
-                let (s, t) = (parent.schema.as_str(), parent.table.as_str());
-                let job = self.job;
-                let rules = Rc::new(TableRules {
-                    dest: job.table_map.as_ref().and_then(|m| m.for_table(s, t)).unwrap_or(&parent).clone(),
-                    part_field: job.part_field.as_ref().and_then(|f| f.column_for(s, t)).map(str::to_string),
-                    event_types: job.event_types.as_ref().and_then(|e| e.for_table(s, t)).copied(),
-                    reshape: Reshape::new(
-                        job.fields.as_ref().and_then(|f| f.for_table(s, t)),
-                        job.skip_fields.as_ref().and_then(|f| f.for_table(s, t)),
-                    ),
-                    last_key: Default::default(),
-                    parent,
-                });
+                let table = self.job.table_rules(decode::parse_table(ev.ev_extra1.as_deref())?);
+                let rules = Rc::new(Rules { table, last_key: Default::default() });
                 self.rules.insert(raw.to_string(), rules.clone());
                 rules
             }
@@ -526,8 +512,8 @@ impl<'a> BatchWriter<'a> {
     fn part_field_of(&mut self, ev: &RawEvent) -> Result<Option<String>, EventError> {
         let Some(TimeOf::Field) = self.placement.time_of() else { return Ok(None) };
         let rules = self.rules_of(ev)?;
-        match &rules.part_field {
-            None => Err(EventError::NoPartField(route::qualified(&rules.parent, &quote_ident))),
+        match &rules.table.part_field {
+            None => Err(EventError::NoPartField(route::qualified(&rules.table.source, &quote_ident))),
             column => Ok(column.clone()),
         }
     }
@@ -570,7 +556,7 @@ impl<'a> BatchWriter<'a> {
         if self.job.event_types.is_none() {
             return Ok(true);
         }
-        Ok(self.rules_of(ev)?.event_types.is_none_or(|t| t.applies(op)))
+        Ok(self.rules_of(ev)?.table.event_types.is_none_or(|t| t.applies(op)))
     }
 
     /// An event's row as the trigger sent it. A truncate has none; one the mode refuses is
@@ -599,7 +585,7 @@ impl<'a> BatchWriter<'a> {
             (None, None) => (pkey, row),
             _ => {
                 let rules = self.rules_of(ev)?;
-                match &rules.reshape {
+                match &rules.table.reshape {
                     None => (pkey, row),
                     Some(r) => (rules.key(r, &pkey, !self.job.mode.keeps_every_version())?, r.row(row)),
                 }
