@@ -2,7 +2,7 @@
 //! the template (under a lock, re-checked), then performs the set-based plan. The hot path builds
 //! one statement per table and column set per chunk, never one per event.
 
-use crate::config::{JobConfig, NewColumns};
+use crate::config::JobConfig;
 use crate::decode::{self, DecodeError, Format, Op, Row, TableName};
 use crate::event::{Chunks, RawEvent};
 use crate::mode::{ModeError, OnTruncate};
@@ -22,6 +22,8 @@ use std::ffi::{CStr, CString};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 use thiserror::Error;
+
+mod new_columns;
 
 /// What was wrong with one event (or, for a set-based statement, a run of events).
 #[derive(Debug, Error)]
@@ -95,10 +97,6 @@ pub fn quote_ident(name: &str) -> String {
 }
 
 impl Partition {
-    fn source_name(&self) -> String {
-        route::qualified(&self.source, &quote_ident)
-    }
-
     /// Whether an index leads with the column; asked once per batch and column.
     fn key_indexed(&self, first_key_column: &str) -> bool {
         if let Some((c, yes)) = &*self.key_index.borrow() {
@@ -115,11 +113,6 @@ impl Partition {
         *self.key_index.borrow_mut() = Some((first_key_column.to_string(), yes));
         yes
     }
-}
-
-thread_local! {
-    /// (parent, column) pairs new_columns = ignore has logged: once per worker, i.e. per job
-    static IGNORED: std::cell::RefCell<std::collections::HashSet<(String, String)>> = Default::default();
 }
 
 struct Partition {
@@ -856,86 +849,6 @@ impl<'a> BatchWriter<'a> {
         Some((events[0].ev_id, events[events.len() - 1].ev_id))
     }
 
-    /// Columns of a group's rows that the partition lacks, as new_columns says: an error naming
-    /// the first (error), added to the parent and the partition (add), or left out of the rows
-    /// (ignore: returns which columns to keep).
-    fn fit_columns(&mut self, dest: usize, head: &Change, rows: usize) -> Result<Option<Vec<bool>>, ApplyError> {
-        let part = &self.partitions[dest];
-        let missing: Vec<&str> =
-            head.row.iter().map(|(c, _)| c.as_ref()).filter(|c| !part.columns.contains_key(*c)).collect();
-        if missing.is_empty() {
-            return Ok(None);
-        }
-        match self.job.new_columns {
-            NewColumns::Error => self.check_columns(dest, head.ev_id, missing.into_iter()).map(|_| None),
-            NewColumns::Ignore => {
-                for column in &missing {
-                    let first =
-                        IGNORED.with(|seen| seen.borrow_mut().insert((part.parent.clone(), column.to_string())));
-                    if first {
-                        pgrx::log!(
-                            "cube_dispatcher {}: column {column:?} of {} is not in {}: its values are ignored (new_columns = ignore; logged once)",
-                            self.job.job_name,
-                            part.source_name(),
-                            part.qualified
-                        );
-                    }
-                }
-                self.skipped.values += (missing.len() * rows) as i64;
-                Ok(Some(head.row.iter().map(|(c, _)| part.columns.contains_key(c.as_ref())).collect()))
-            }
-            NewColumns::Add => {
-                let missing: Vec<String> = missing.into_iter().map(str::to_string).collect();
-                self.add_columns(dest, &missing).map_err(|cause| ApplyError::Event {
-                    ev_id: head.ev_id,
-                    table: self.partitions[dest].qualified.clone(),
-                    cause,
-                })?;
-                Ok(None)
-            }
-        }
-    }
-
-    /// new_columns = add: each column with the type the source table declares, added to the
-    /// parent and (unless the parent is partitioned natively, whose ALTER reaches every
-    /// partition) to the partition being written, as the job's role, which must own them.
-    fn add_columns(&mut self, dest: usize, columns: &[String]) -> Result<(), EventError> {
-        let part = &self.partitions[dest];
-        let catalog = self.catalog.as_ref().ok_or(EventError::NoCatalog)?;
-        for column in columns {
-            let ty = catalog
-                .column_type(&part.source, column)
-                .map_err(EventError::Sql)?
-                .ok_or_else(|| EventError::NoSourceColumn { column: column.clone(), table: part.source_name() })?;
-            // the type text is the source's format_type(): checked to be a type name here
-            // before it is written into the statement
-            let known =
-                crate::spi::value::<bool>("SELECT pg_catalog.to_regtype($1) IS NOT NULL", &[ty.as_str().into()]);
-            if known != Some(true) {
-                return Err(EventError::NoType { column: column.clone(), ty });
-            }
-            let mut sql = format!("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {ty}", part.parent, quote_ident(column));
-            if !part.native_leaf && part.parent != part.qualified {
-                sql +=
-                    &format!("; ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {ty}", part.qualified, quote_ident(column));
-            }
-            crate::roles::as_role(self.role, || run_sql(&sql, &[])).map_err(|cause| EventError::AddColumn {
-                column: column.clone(),
-                table: part.parent.clone(),
-                cause,
-            })?;
-            pgrx::log!(
-                "cube_dispatcher {}: added column {} {ty} to {} and {} (new_columns = add)",
-                self.job.job_name,
-                quote_ident(column),
-                part.parent,
-                part.qualified
-            );
-        }
-        self.partitions[dest].columns = columns_of(part.relid)?;
-        Ok(())
-    }
-
     /// The first column (in event order) that the partition lacks, named in the error.
     fn check_columns<'c>(
         &self,
@@ -1054,14 +967,7 @@ impl<'a> BatchWriter<'a> {
         let head = &changes[g.rows[0]];
         if let Some(keep) = self.fit_columns(g.dest, head, g.rows.len())? {
             // new_columns = ignore: the group without the columns the partition lacks
-            let trimmed: Vec<Change> = g
-                .rows
-                .iter()
-                .map(|&i| Change {
-                    row: changes[i].row.iter().zip(&keep).filter(|(_, k)| **k).map(|(v, _)| v.clone()).collect(),
-                    ..changes[i].clone()
-                })
-                .collect();
+            let trimmed = new_columns::keep_only(changes, &g.rows, &keep);
             let group = InsertGroup { dest: g.dest, rows: (0..trimmed.len()).collect() };
             return self.insert(&group, &trimmed, false);
         }
