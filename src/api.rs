@@ -111,16 +111,14 @@ fn check_keys(cfg: &JobConfig) -> Result<(), ConfigError> {
     let named: Vec<(&str, &str)> =
         fields.into_iter().flat_map(|f| f.tables()).chain(skip.into_iter().flat_map(|s| s.tables())).collect();
     for (schema, table) in named {
-        let fields_of = fields.and_then(|f| f.for_table(schema, table));
-        let skip_of = skip.and_then(|s| s.for_table(schema, table));
-        let Some(reshape) = crate::reshape::Reshape::new(fields_of, skip_of) else { continue };
-        let source = crate::decode::TableName { schema: schema.to_string(), table: table.to_string() };
-        let parent = cfg.table_map.as_ref().and_then(|m| m.for_table(schema, table)).unwrap_or(&source);
-        let parent = crate::route::qualified(parent, &crate::apply::quote_ident);
-        let Some(column) = primary_key(&parent).into_iter().find(|k| !reshape.fills(k)) else { continue };
-        let (option, text) = match skip_of.is_some_and(|s| s.0.contains(&column)) {
-            true => ("skip_fields", &skip.unwrap().text),
-            false => ("fields", &fields.unwrap().text),
+        let rules = cfg.table_rules(crate::decode::TableName { schema: schema.to_string(), table: table.to_string() });
+        let Some(reshape) = &rules.reshape else { continue };
+        let parent = crate::route::qualified(&rules.dest, &crate::apply::quote_ident);
+        let Some((column, option)) = reshape.left_out(&primary_key(&parent)) else { continue };
+        // left_out blames an option only where it has an entry for the table
+        let text = match option {
+            "skip_fields" => &skip.unwrap().text,
+            _ => &fields.unwrap().text,
         };
         return Err(ConfigError::Invalid {
             guc: config::job_guc(&cfg.job_name, option),

@@ -2,12 +2,13 @@
 //! the template (under a lock, re-checked), then performs the set-based plan. The hot path builds
 //! one statement per table and column set per chunk, never one per event.
 
-use crate::config::{JobConfig, NewColumns};
+use crate::config::JobConfig;
 use crate::decode::{self, DecodeError, Format, Op, Row, TableName};
 use crate::event::{Chunks, RawEvent};
-use crate::mode::ModeError;
+use crate::mode::{ModeError, OnTruncate};
 use crate::native;
 use crate::part_time::{Placement, TimeOf};
+use crate::per_table::TableRules;
 use crate::placement::PartMode;
 use crate::plan::{self, Change, DeleteGroup, InsertGroup};
 use crate::reshape::{Reshape, ReshapeError};
@@ -21,6 +22,8 @@ use std::ffi::{CStr, CString};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 use thiserror::Error;
+
+mod new_columns;
 
 /// What was wrong with one event (or, for a set-based statement, a run of events).
 #[derive(Debug, Error)]
@@ -79,8 +82,6 @@ pub enum EventError {
     NoType { column: String, ty: String },
     #[error("adding column {column:?} to {table} failed: {cause}")]
     AddColumn { column: String, table: String, cause: SqlError },
-    #[error("a truncate carries no row, so part_mode date_field cannot place it: set ignore_truncate = on, or empty the partitions by hand and skip the event")]
-    TruncateUnplaced,
     #[error("{what} {value:?} is not a time: {cause}")]
     NotATime { what: String, value: String, cause: SqlError },
     #[error("{0}")]
@@ -96,10 +97,6 @@ pub fn quote_ident(name: &str) -> String {
 }
 
 impl Partition {
-    fn source_name(&self) -> String {
-        route::qualified(&self.source, &quote_ident)
-    }
-
     /// Whether an index leads with the column; asked once per batch and column.
     fn key_indexed(&self, first_key_column: &str) -> bool {
         if let Some((c, yes)) = &*self.key_index.borrow() {
@@ -116,11 +113,6 @@ impl Partition {
         *self.key_index.borrow_mut() = Some((first_key_column.to_string(), yes));
         yes
     }
-}
-
-thread_local! {
-    /// (parent, column) pairs new_columns = ignore has logged: once per worker, i.e. per job
-    static IGNORED: std::cell::RefCell<std::collections::HashSet<(String, String)>> = Default::default();
 }
 
 struct Partition {
@@ -256,8 +248,8 @@ pub struct BatchWriter<'a> {
     /// their parsed form instead of parsing and hashing again.
     last_table: Option<(String, Option<String>, usize)>,
     /// ev_extra1 -> what the per-table options say for that table
-    last_rules: Option<(String, Rc<TableRules>)>,
-    rules: HashMap<String, Rc<TableRules>>,
+    last_rules: Option<(String, Rc<Rules>)>,
+    rules: HashMap<String, Rc<Rules>>,
     last_type: Option<(String, Op, Rc<Vec<String>>, Format)>,
     /// partitions created, for the log and the job's list of partitions
     pub created: Vec<Created>,
@@ -267,6 +259,8 @@ pub struct BatchWriter<'a> {
     catalog: Option<crate::source::SourceCatalog>,
     /// partitions past the retention period, found so (ignore_old_events)
     expired: std::collections::HashSet<TableName>,
+    /// what a truncate does, asked of the mode once: it depends only on the job and the placement
+    on_truncate: Result<OnTruncate, ModeError>,
 }
 
 /// Events a batch did not write, by reason; counted in the job's status.
@@ -284,21 +278,14 @@ pub struct Skipped {
 /// Key column names, shared by the events that carry the same ones.
 type Key = Rc<Vec<String>>;
 
-/// What the job's per-table options say for one table, looked up once per table and batch.
-struct TableRules {
-    /// as the events name it
-    parent: TableName,
-    /// where its events are written (table_map)
-    dest: TableName,
-    part_field: Option<String>,
-    event_types: Option<crate::per_table::EventTypes>,
-    /// fields, skip_fields
-    reshape: Option<Reshape>,
+/// A table's rules as the writer keeps them: looked up once per table and batch.
+struct Rules {
+    table: TableRules,
     /// the last key mapped through reshape: the event's, and the target's (or why not)
     last_key: std::cell::RefCell<Option<(Key, Result<Key, ReshapeError>)>>,
 }
 
-impl TableRules {
+impl Rules {
     /// The key columns under their target names. keep_latest needs every one of them; keep_all
     /// only names the key in templates (_PKEY), so a dropped column just leaves it.
     fn key(
@@ -341,7 +328,9 @@ fn run_sql(sql: &str, args: &[DatumWithOid]) -> Result<(), SqlError> {
 
 impl<'a> BatchWriter<'a> {
     pub fn new(job: &'a JobConfig, role: pg_sys::Oid, placement: Placement) -> Self {
+        let placed_by_row = matches!(placement.time_of(), Some(TimeOf::Field));
         BatchWriter {
+            on_truncate: job.mode.on_truncate(job.ignore_truncate, placed_by_row),
             job,
             role,
             placement,
@@ -391,7 +380,7 @@ impl<'a> BatchWriter<'a> {
         };
         // table_map: the parent the events are written into, which the allow-list is about
         let rules = self.rules_of(ev).map_err(fail)?;
-        let parent = &rules.dest;
+        let parent = &rules.table.dest;
         if self.job.tables.as_ref().is_some_and(|t| !t.allows(&parent.schema, &parent.table)) {
             return Err(fail(EventError::NotAllowed(route::qualified(parent, &quote_ident))));
         }
@@ -404,10 +393,14 @@ impl<'a> BatchWriter<'a> {
                 return Ok(None);
             }
             None => {
-                let field = rules.part_field.as_deref();
-                let p = self.open_partition(&dest, parent, pkey, suffix.as_deref(), field, &rules.parent).map_err(
-                    |cause| ApplyError::Event { ev_id: ev.ev_id, table: route::qualified(parent, &quote_ident), cause },
-                )?;
+                let field = rules.table.part_field.as_deref();
+                let p = self
+                    .open_partition(&dest, parent, pkey, suffix.as_deref(), field, &rules.table.source)
+                    .map_err(|cause| ApplyError::Event {
+                        ev_id: ev.ev_id,
+                        table: route::qualified(parent, &quote_ident),
+                        cause,
+                    })?;
                 self.partitions.push(p);
                 self.by_name.insert(dest, self.partitions.len() - 1);
                 self.partitions.len() - 1
@@ -488,7 +481,7 @@ impl<'a> BatchWriter<'a> {
     }
 
     /// The per-table options for the event's table (ev_extra1 parsed once per table and batch).
-    fn rules_of(&mut self, ev: &RawEvent) -> Result<Rc<TableRules>, EventError> {
+    fn rules_of(&mut self, ev: &RawEvent) -> Result<Rc<Rules>, EventError> {
         let raw = ev.ev_extra1.as_deref().unwrap_or_default();
         if let Some((last, rules)) = &self.last_rules {
             if last == raw {
@@ -498,20 +491,8 @@ impl<'a> BatchWriter<'a> {
         let rules = match self.rules.get(raw) {
             Some(r) => r.clone(),
             None => {
-                let parent = decode::parse_table(ev.ev_extra1.as_deref())?;
-                let (s, t) = (parent.schema.as_str(), parent.table.as_str());
-                let job = self.job;
-                let rules = Rc::new(TableRules {
-                    dest: job.table_map.as_ref().and_then(|m| m.for_table(s, t)).unwrap_or(&parent).clone(),
-                    part_field: job.part_field.as_ref().and_then(|f| f.column_for(s, t)).map(str::to_string),
-                    event_types: job.event_types.as_ref().and_then(|e| e.for_table(s, t)).copied(),
-                    reshape: Reshape::new(
-                        job.fields.as_ref().and_then(|f| f.for_table(s, t)),
-                        job.skip_fields.as_ref().and_then(|f| f.for_table(s, t)),
-                    ),
-                    last_key: Default::default(),
-                    parent,
-                });
+                let table = self.job.table_rules(decode::parse_table(ev.ev_extra1.as_deref())?);
+                let rules = Rc::new(Rules { table, last_key: Default::default() });
                 self.rules.insert(raw.to_string(), rules.clone());
                 rules
             }
@@ -524,8 +505,8 @@ impl<'a> BatchWriter<'a> {
     fn part_field_of(&mut self, ev: &RawEvent) -> Result<Option<String>, EventError> {
         let Some(TimeOf::Field) = self.placement.time_of() else { return Ok(None) };
         let rules = self.rules_of(ev)?;
-        match &rules.part_field {
-            None => Err(EventError::NoPartField(route::qualified(&rules.parent, &quote_ident))),
+        match &rules.table.part_field {
+            None => Err(EventError::NoPartField(route::qualified(&rules.table.source, &quote_ident))),
             column => Ok(column.clone()),
         }
     }
@@ -562,22 +543,20 @@ impl<'a> BatchWriter<'a> {
     /// Whether the job applies events of `op` to the event's table (event_types,
     /// ignore_truncate); what it does not apply is skipped and counted.
     fn applies(&mut self, ev: &RawEvent, op: Op) -> Result<bool, EventError> {
-        if op == Op::Truncate && self.job.ignore_truncate {
+        if op == Op::Truncate && self.on_truncate == Ok(OnTruncate::Skip) {
             return Ok(false);
         }
         if self.job.event_types.is_none() {
             return Ok(true);
         }
-        Ok(self.rules_of(ev)?.event_types.is_none_or(|t| t.applies(op)))
+        Ok(self.rules_of(ev)?.table.event_types.is_none_or(|t| t.applies(op)))
     }
 
-    /// An event's row as the trigger sent it. A truncate has none, and is checked here.
+    /// An event's row as the trigger sent it. A truncate has none; one the mode refuses is
+    /// refused here, after `applies` has read the table as for any event.
     fn row_of<'e>(&self, ev: &'e RawEvent, op: Op, format: Format) -> Result<Row<'e>, EventError> {
         if op == Op::Truncate {
-            self.job.mode.check(op, &[], &Vec::new())?;
-            if let Some(TimeOf::Field) = self.placement.time_of() {
-                return Err(EventError::TruncateUnplaced);
-            }
+            self.on_truncate.clone()?;
             return Ok(Vec::new());
         }
         Ok(decode::parse_row(format, ev.ev_data.as_deref())?)
@@ -591,13 +570,15 @@ impl<'a> BatchWriter<'a> {
         pkey: Rc<Vec<String>>,
         row: Row<'e>,
     ) -> Result<(Rc<Vec<String>>, Row<'e>), EventError> {
+        if op == Op::Truncate {
+            // no row, nor a key to find one by: row_of has asked the mode about it
+            return Ok((pkey, row));
+        }
         let (pkey, row) = match (&self.job.fields, &self.job.skip_fields) {
-            // a truncate has no row, nor needs a key
-            _ if op == Op::Truncate => return Ok((pkey, row)),
             (None, None) => (pkey, row),
             _ => {
                 let rules = self.rules_of(ev)?;
-                match &rules.reshape {
+                match &rules.table.reshape {
                     None => (pkey, row),
                     Some(r) => (rules.key(r, &pkey, !self.job.mode.keeps_every_version())?, r.row(row)),
                 }
@@ -868,86 +849,6 @@ impl<'a> BatchWriter<'a> {
         Some((events[0].ev_id, events[events.len() - 1].ev_id))
     }
 
-    /// Columns of a group's rows that the partition lacks, as new_columns says: an error naming
-    /// the first (error), added to the parent and the partition (add), or left out of the rows
-    /// (ignore: returns which columns to keep).
-    fn fit_columns(&mut self, dest: usize, head: &Change, rows: usize) -> Result<Option<Vec<bool>>, ApplyError> {
-        let part = &self.partitions[dest];
-        let missing: Vec<&str> =
-            head.row.iter().map(|(c, _)| c.as_ref()).filter(|c| !part.columns.contains_key(*c)).collect();
-        if missing.is_empty() {
-            return Ok(None);
-        }
-        match self.job.new_columns {
-            NewColumns::Error => self.check_columns(dest, head.ev_id, missing.into_iter()).map(|_| None),
-            NewColumns::Ignore => {
-                for column in &missing {
-                    let first =
-                        IGNORED.with(|seen| seen.borrow_mut().insert((part.parent.clone(), column.to_string())));
-                    if first {
-                        pgrx::log!(
-                            "cube_dispatcher {}: column {column:?} of {} is not in {}: its values are ignored (new_columns = ignore; logged once)",
-                            self.job.job_name,
-                            part.source_name(),
-                            part.qualified
-                        );
-                    }
-                }
-                self.skipped.values += (missing.len() * rows) as i64;
-                Ok(Some(head.row.iter().map(|(c, _)| part.columns.contains_key(c.as_ref())).collect()))
-            }
-            NewColumns::Add => {
-                let missing: Vec<String> = missing.into_iter().map(str::to_string).collect();
-                self.add_columns(dest, &missing).map_err(|cause| ApplyError::Event {
-                    ev_id: head.ev_id,
-                    table: self.partitions[dest].qualified.clone(),
-                    cause,
-                })?;
-                Ok(None)
-            }
-        }
-    }
-
-    /// new_columns = add: each column with the type the source table declares, added to the
-    /// parent and (unless the parent is partitioned natively, whose ALTER reaches every
-    /// partition) to the partition being written, as the job's role, which must own them.
-    fn add_columns(&mut self, dest: usize, columns: &[String]) -> Result<(), EventError> {
-        let part = &self.partitions[dest];
-        let catalog = self.catalog.as_ref().ok_or(EventError::NoCatalog)?;
-        for column in columns {
-            let ty = catalog
-                .column_type(&part.source, column)
-                .map_err(EventError::Sql)?
-                .ok_or_else(|| EventError::NoSourceColumn { column: column.clone(), table: part.source_name() })?;
-            // the type text is the source's format_type(): checked to be a type name here
-            // before it is written into the statement
-            let known =
-                crate::spi::value::<bool>("SELECT pg_catalog.to_regtype($1) IS NOT NULL", &[ty.as_str().into()]);
-            if known != Some(true) {
-                return Err(EventError::NoType { column: column.clone(), ty });
-            }
-            let mut sql = format!("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {ty}", part.parent, quote_ident(column));
-            if !part.native_leaf && part.parent != part.qualified {
-                sql +=
-                    &format!("; ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {ty}", part.qualified, quote_ident(column));
-            }
-            crate::roles::as_role(self.role, || run_sql(&sql, &[])).map_err(|cause| EventError::AddColumn {
-                column: column.clone(),
-                table: part.parent.clone(),
-                cause,
-            })?;
-            pgrx::log!(
-                "cube_dispatcher {}: added column {} {ty} to {} and {} (new_columns = add)",
-                self.job.job_name,
-                quote_ident(column),
-                part.parent,
-                part.qualified
-            );
-        }
-        self.partitions[dest].columns = columns_of(part.relid)?;
-        Ok(())
-    }
-
     /// The first column (in event order) that the partition lacks, named in the error.
     fn check_columns<'c>(
         &self,
@@ -1066,14 +967,7 @@ impl<'a> BatchWriter<'a> {
         let head = &changes[g.rows[0]];
         if let Some(keep) = self.fit_columns(g.dest, head, g.rows.len())? {
             // new_columns = ignore: the group without the columns the partition lacks
-            let trimmed: Vec<Change> = g
-                .rows
-                .iter()
-                .map(|&i| Change {
-                    row: changes[i].row.iter().zip(&keep).filter(|(_, k)| **k).map(|(v, _)| v.clone()).collect(),
-                    ..changes[i].clone()
-                })
-                .collect();
+            let trimmed = new_columns::keep_only(changes, &g.rows, &keep);
             let group = InsertGroup { dest: g.dest, rows: (0..trimmed.len()).collect() };
             return self.insert(&group, &trimmed, false);
         }

@@ -808,11 +808,12 @@ pub fn mask_password(conninfo: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::collections::HashMap;
 
-    fn cfg(settings: &[(&str, &str)]) -> Result<JobConfig, ConfigError> {
+    /// A job "sales" with these settings (other modules' tests build their JobConfig so too).
+    pub(crate) fn cfg(settings: &[(&str, &str)]) -> Result<JobConfig, ConfigError> {
         let map: HashMap<String, String> = settings.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let ctx = Context { job: "sales", current_db: "target" };
         JobConfig::read(&ctx, &|opt| Setting { text: map.get(opt).cloned(), place: job_guc("sales", opt) })
@@ -820,7 +821,7 @@ mod tests {
 
     const BASE: &[(&str, &str)] = &[("src_db", "dbname=src"), ("pgq_queue_name", "q")];
 
-    fn with(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
+    pub(crate) fn with(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
         BASE.iter().copied().chain(extra.iter().copied()).collect()
     }
 

@@ -57,12 +57,26 @@ pub struct Encoded<'a> {
     needs: u8,
 }
 
+/// A byte COPY text must escape (copy_in::push_value escapes it).
+const fn copy_special(b: u8) -> bool {
+    matches!(b, b'\\' | b'\n' | b'\r' | b'\t')
+}
+
+/// COPY_ESCAPES if text that is its own decoding holds a byte COPY text must escape.
+fn copy_escapes(text: &str) -> u8 {
+    if text.bytes().any(copy_special) {
+        COPY_ESCAPES
+    } else {
+        0
+    }
+}
+
 /// The bytes Encoded::check must look at: escapes, '+', and what COPY text escapes.
 static NOTABLE: [bool; 256] = {
     let mut t = [false; 256];
     let mut i = 0;
     while i < 256 {
-        t[i] = matches!(i as u8, b'%' | b'+' | b'\\' | b'\n' | b'\r' | b'\t');
+        t[i] = matches!(i as u8, b'%' | b'+') || copy_special(i as u8);
         i += 1;
     }
     t
@@ -107,8 +121,7 @@ impl<'a> Encoded<'a> {
     /// A value that is text already, not url-encoded: the time the job fills a native parent's
     /// partition key with.
     pub fn literal(text: &'a str) -> Encoded<'a> {
-        let copy_special = text.bytes().any(|b| matches!(b, b'\\' | b'\n' | b'\r' | b'\t'));
-        Encoded { raw: text, needs: if copy_special { COPY_ESCAPES | LITERAL } else { LITERAL } }
+        Encoded { raw: text, needs: LITERAL | copy_escapes(text) }
     }
 
     /// Appends the decoded bytes to `out`.
@@ -153,7 +166,6 @@ impl<'a> Encoded<'a> {
     /// literal text; one means the event was not made by logutriga, so it is refused, not guessed.)
     fn check(raw: &'a str, what: &'static str) -> Result<Encoded<'a>, DecodeError> {
         let bytes = raw.as_bytes();
-        let copy_special = |b: u8| matches!(b, b'\\' | b'\n' | b'\r' | b'\t');
         let (mut needs, mut non_ascii) = (0, false);
         let mut i = 0;
         // most bytes mean nothing here: skip them with one table lookup each
@@ -326,6 +338,22 @@ mod tests {
         t.decode_into(&mut out);
         assert_eq!(out, b"2026-12-02 07:15:00.5+05:30");
         assert!(!Encoded::literal("a\tb").copy_safe());
+    }
+
+    #[test]
+    fn every_format_notes_what_copy_escapes() {
+        let copy_safe = |row: Row| row[0].1.unwrap().copy_safe();
+        for (byte, escaped) in [('\\', "%5C"), ('\n', "%0A"), ('\r', "%0D"), ('\t', "%09")] {
+            let text = format!("a{byte}b");
+            let json = format!(r#"{{"v":{}}}"#, serde_json::to_string(&text).unwrap());
+            assert!(!Encoded::literal(&text).copy_safe(), "{byte:?}");
+            assert!(!copy_safe(parse_row(Format::Url, Some(&format!("v={text}"))).unwrap()), "{byte:?}");
+            assert!(!copy_safe(parse_row(Format::Url, Some(&format!("v=a{escaped}b"))).unwrap()), "{byte:?}");
+            assert!(!copy_safe(parse_row(Format::Json, Some(&json)).unwrap()), "{byte:?}");
+        }
+        assert!(Encoded::literal("a b").copy_safe());
+        assert!(copy_safe(parse_row(Format::Url, Some("v=a+b%25")).unwrap()));
+        assert!(copy_safe(parse_row(Format::Json, Some(r#"{"v":"a \"b\""}"#)).unwrap()));
     }
 
     #[test]

@@ -2,9 +2,42 @@
 //! takes per-table arguments: `value`, or entries `schema.table:value` separated by `;`, where an
 //! entry without a table applies to every table not listed (`public.orders:I,U; public.lines:I; I`).
 //! Table names are as the triggers write them (unquoted, exact case); no schema means `public`.
-//! Pure Rust.
+//! `TableRules` is what they say together for one table. Pure Rust.
 
+use crate::config::JobConfig;
 use crate::decode::{Op, TableName};
+use crate::reshape::Reshape;
+
+/// What the job's per-table options say for one table: the writer follows them, start/reload
+/// check keep_latest's key against them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TableRules {
+    /// as the events name it
+    pub source: TableName,
+    /// the parent its events are written into (table_map)
+    pub dest: TableName,
+    pub part_field: Option<String>,
+    pub event_types: Option<EventTypes>,
+    /// fields, skip_fields; None when they leave its rows as they are
+    pub reshape: Option<Reshape>,
+}
+
+impl JobConfig {
+    /// The per-table options for rows of `table`, as the events name it.
+    pub fn table_rules(&self, table: TableName) -> TableRules {
+        let (s, t) = (table.schema.as_str(), table.table.as_str());
+        TableRules {
+            dest: self.table_map.as_ref().and_then(|m| m.for_table(s, t)).unwrap_or(&table).clone(),
+            part_field: self.part_field.as_ref().and_then(|f| f.column_for(s, t)).map(str::to_string),
+            event_types: self.event_types.as_ref().and_then(|e| e.for_table(s, t)).copied(),
+            reshape: Reshape::new(
+                self.fields.as_ref().and_then(|f| f.for_table(s, t)),
+                self.skip_fields.as_ref().and_then(|f| f.for_table(s, t)),
+            ),
+            source: table,
+        }
+    }
+}
 
 /// What one entry's value is.
 pub trait EntryValue: Sized {
@@ -241,5 +274,36 @@ mod tests {
         let s = PerTable::<Columns>::parse("secret, pin; public.t:x").unwrap();
         assert_eq!(s.for_table("public", "u").unwrap().0, vec!["secret", "pin"]);
         assert!(PerTable::<Columns>::parse("a,,b").is_err());
+    }
+
+    #[test]
+    fn rules_of_one_table() {
+        use crate::config::tests::{cfg, with};
+        let t = |s: &str, n: &str| TableName { schema: s.into(), table: n.into() };
+        let c = cfg(&with(&[
+            ("table_map", "public.orders:bi.orders_hist"),
+            ("fields", "public.orders:id:order_id,amount; *"),
+            ("skip_fields", "pin"),
+            ("event_types", "public.orders:I,U"),
+            ("part_mode", "date_field"),
+            ("part_field", "orders:ordered_at; created"),
+        ]))
+        .unwrap();
+        let orders = c.table_rules(t("public", "orders"));
+        let pin = Columns(vec!["pin".into()]);
+        assert_eq!((orders.source, orders.dest), (t("public", "orders"), t("bi", "orders_hist")));
+        assert_eq!(orders.part_field.as_deref(), Some("ordered_at"));
+        assert!(orders.event_types.is_some_and(|e| e.applies(Op::Update) && !e.applies(Op::Delete)));
+        let kept = Fields::parse_value("id:order_id,amount").unwrap();
+        assert_eq!(orders.reshape, Reshape::new(Some(&kept), Some(&pin)));
+        let lines = c.table_rules(t("Sales", "Lines"));
+        assert_eq!((&lines.source, &lines.dest), (&t("Sales", "Lines"), &t("Sales", "Lines")));
+        assert_eq!((lines.part_field.as_deref(), lines.event_types), (Some("created"), None));
+        assert_eq!(lines.reshape, Reshape::new(None, Some(&pin)));
+        let plain = cfg(&with(&[])).unwrap().table_rules(t("public", "orders"));
+        assert_eq!(
+            (plain.dest, plain.part_field, plain.event_types, plain.reshape),
+            (t("public", "orders"), None, None, None)
+        );
     }
 }

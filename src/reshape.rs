@@ -59,13 +59,21 @@ impl Reshape {
         pkey.iter().filter_map(|k| self.target_name(k).ok().map(|d| d.unwrap_or(k).to_string())).collect()
     }
 
-    /// Whether a column of the target is filled: kept under that name (start/reload checks the
-    /// target's primary key with it).
-    pub fn fills(&self, target_column: &str) -> bool {
+    /// Whether a column of the target is filled: kept under that name.
+    fn fills(&self, target_column: &str) -> bool {
         match &self.keep {
             None => !self.skip.iter().any(|s| s == target_column),
             Some(keep) => keep.iter().any(|(s, d)| d == target_column && !self.skip.contains(s)),
         }
+    }
+
+    /// The first column of the target's primary key that no column fills, and the option blamed
+    /// for it (skip_fields when it names the column, else fields): start/reload refuse it in
+    /// keep_latest, which finds rows by that key.
+    pub fn left_out(&self, target_key: &[String]) -> Option<(String, &'static str)> {
+        let column = target_key.iter().find(|k| !self.fills(k))?;
+        let option = if self.skip.contains(column) { "skip_fields" } else { "fields" };
+        Some((column.clone(), option))
     }
 
     /// The key columns under their target names; a dropped one is an error (keep_latest).
@@ -112,6 +120,19 @@ mod tests {
         assert_eq!(renamed.kept_key(&["id".to_string(), "y".to_string()]), vec!["order_id".to_string()]);
         assert!(renamed.fills("order_id") && renamed.fills("x") && !renamed.fills("id") && !renamed.fills("y"));
         assert!(r.fills("total") && !r.fills("note") && !r.fills("amount"));
+    }
+
+    #[test]
+    fn a_target_key_left_out() {
+        let key = |cols: &[&str]| cols.iter().map(|c| c.to_string()).collect::<Vec<_>>();
+        let fields = Fields::parse_value("id:order_id, line, note").unwrap();
+        let r = Reshape::new(Some(&fields), Some(&Columns::parse_value("note").unwrap())).unwrap();
+        assert_eq!(r.left_out(&key(&["order_id", "line"])), None);
+        assert_eq!(r.left_out(&key(&["order_id", "id"])), Some(("id".into(), "fields")));
+        assert_eq!(r.left_out(&key(&["note", "x"])), Some(("note".into(), "skip_fields")));
+        assert_eq!(r.left_out(&[]), None);
+        let only_skip = Reshape::new(None, Some(&Columns::parse_value("pin").unwrap())).unwrap();
+        assert_eq!(only_skip.left_out(&key(&["id", "pin"])), Some(("pin".into(), "skip_fields")));
     }
 
     #[test]

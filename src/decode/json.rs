@@ -5,7 +5,7 @@
 //! type is its text output as a JSON string (numeric, json, arrays, bytea, ...). Parsed by
 //! serde_json; a value stays a slice of ev_data until it is written, as url-encoded ones do.
 
-use super::{DecodeError, Encoded, EventType, Format, Op, Row, COPY_ESCAPES, DECODING, JSON};
+use super::{copy_escapes, DecodeError, Encoded, EventType, Format, Op, Row, DECODING, JSON};
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -128,8 +128,7 @@ fn string(raw: &str) -> Result<Encoded<'_>, DecodeError> {
     if text.contains('\0') {
         return Err(DecodeError::Nul { what: "a value" });
     }
-    let copy_escapes = text.bytes().any(|b| matches!(b, b'\\' | b'\n' | b'\r' | b'\t'));
-    Ok(Encoded { raw, needs: DECODING | JSON | if copy_escapes { COPY_ESCAPES } else { 0 } })
+    Ok(Encoded { raw, needs: DECODING | JSON | copy_escapes(&text) })
 }
 
 /// The text of a JSON string that `string` checked.
