@@ -1,16 +1,16 @@
 //! One batch, start to finish, in the order it happens: take the next batch from the source,
 //! check its position against the tick recorded here, stream its chunks into the writer at the
 //! pace the last failure asked for, park what could not be written, record the batch in the same
-//! transaction, and only after that has committed, finish it on the source.
+//! transaction. Its finish on the source commits only after that transaction has (source.rs).
 
 use crate::apply::Created;
 use crate::apply::{ApplyError, BatchWriter, Written};
 use crate::config::{JobConfig, OnError};
 use crate::event::Chunks;
 use crate::part_time::Placement;
-use crate::source::{BatchInfo, Source};
+use crate::source::{BatchInfo, BatchRequest, Source};
 use crate::state;
-use crate::tx::{in_transaction, try_in_transaction, SqlError};
+use crate::tx::{try_in_transaction, SqlError};
 use pgrx::prelude::*;
 use std::time::{Duration, Instant};
 use thiserror::Error;
@@ -92,25 +92,22 @@ impl Pace {
 /// the bottleneck.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Phases {
-    /// waiting for the source: next batch, cursor, fetches not yet ready
+    /// waiting for the source: the batch and fetches not yet ready
     source: Duration,
     /// decoding and writing into the target
     write: Duration,
-    /// the target commit (must reach disk before the source hears)
+    /// the target commit (must reach disk before the source's finish commits)
     commit: Duration,
-    /// pgq.finish_batch on the source
-    finish: Duration,
 }
 
 impl std::fmt::Display for Phases {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "source {:.3} s, writing {:.3} s, commit {:.3} s, finish {:.3} s",
+            "source {:.3} s, writing {:.3} s, commit {:.3} s",
             self.source.as_secs_f64(),
             self.write.as_secs_f64(),
-            self.commit.as_secs_f64(),
-            self.finish.as_secs_f64()
+            self.commit.as_secs_f64()
         )
     }
 }
@@ -131,7 +128,22 @@ pub struct Done {
     pub time_zone: Option<String>,
 }
 
-/// Takes the next batch and does it; None when the queue has no batch ready.
+/// What the source is asked for: the job's queue settings, read the way this pace needs.
+fn request(cfg: &JobConfig, pace: Pace) -> BatchRequest {
+    BatchRequest {
+        queue: cfg.pgq_queue_name.clone(),
+        consumer: cfg.pgq_consumer_id.clone(),
+        dateformat: cfg.suffix_format().map(str::to_string),
+        min_lag: cfg.pgq_min_lag.as_ref().map(|i| i.0.clone()),
+        min_count: cfg.pgq_min_count,
+        min_interval: cfg.pgq_min_interval.as_ref().map(|i| i.0.clone()),
+        ordered: cfg.mode.reads_in_ev_id_order(),
+        with_time: pace.reads_ev_time() || cfg.part_mode.reads_event_time(),
+    }
+}
+
+/// Takes the next batch and does it; None when the queue has no batch ready. The batch's finish
+/// on the source is committed after this returns, with the next batch's request (see source.rs).
 pub fn run(
     source: &mut Source,
     cfg: &JobConfig,
@@ -142,21 +154,18 @@ pub fn run(
     let started = Instant::now();
     let mut batch_id = None;
     let written = try_in_transaction(|| {
-        let size = crate::source::BatchSize::of(cfg);
-        let Some(info) = source.next_batch(&cfg.pgq_queue_name, &cfg.pgq_consumer_id, cfg.suffix_format(), &size)
-        else {
+        let Some(info) = source.next_batch(&request(cfg, pace)) else {
             return Ok(None);
         };
         batch_id = Some(info.batch_id);
         if already_written(cfg, &info)? {
+            source.done_reading();
             return Ok(Some((info, None)));
         }
-        let with_time = pace.reads_ev_time() || cfg.part_mode.reads_event_time();
-        source.open_events(&info, cfg.mode.reads_in_ev_id_order(), with_time);
         let mut writer = BatchWriter::new(cfg, role, Placement::for_batch(cfg, &info))
             .with_catalog(crate::source::SourceCatalog::new(role, &cfg.src_db));
         let written = pace.write(&mut writer, source)?;
-        source.close_events();
+        source.done_reading();
         for (ev, why) in &written.parked {
             let suffix = writer.suffix_of(ev);
             state::dead_letter(&cfg.job_name, info.batch_id, suffix.as_deref(), ev, &why.to_string());
@@ -165,6 +174,9 @@ pub fn run(
             state::record_partition(&cfg.job_name, p);
         }
         state::record_batch(&cfg.job_name, &info, written.events, &writer.skipped, recent_eps);
+        // only now: until here the session's setting applies, to the finishes committed on the
+        // source meanwhile (they wait for standbys as it says)
+        crate::tx::commit_without_waiting();
         Ok(Some((info, Some((written, std::mem::take(&mut writer.created), Instant::now())))))
     })
     .map_err(|e: BatchError| e.in_batch(batch_id))?;
@@ -172,13 +184,10 @@ pub fn run(
     let committed = Instant::now();
     let already_written = written.is_none();
     let (written, created, body_done) = written.unwrap_or_else(|| (Written::default(), Vec::new(), committed));
-    in_transaction(|| source.finish_batch(info.batch_id))
-        .map_err(|e| BatchError::from(e).in_batch(Some(info.batch_id)))?;
     let phases = Phases {
         source: body_done.duration_since(started).saturating_sub(written.writing),
         write: written.writing,
         commit: committed.duration_since(body_done),
-        finish: committed.elapsed(),
     };
     Ok(Some(Done {
         batch_id: info.batch_id,

@@ -4,6 +4,16 @@
 //! their schema-qualified names (dblink is relocatable and usually lives in `public`, where other
 //! roles may create look-alikes), and the remote session gets the same pinned search_path as
 //! ours (see roles.rs): the events query PgQ builds names some built-ins without a schema.
+//!
+//! Batch boundaries cost no round trip of their own. When a batch's last chunk has been fetched,
+//! one query goes out at once, while that chunk is still being written here: it commits the
+//! previous source transaction, begins the next, finishes this batch, takes the next one, opens
+//! its cursor and fetches its first chunk. The target commits meanwhile, and the next batch's
+//! first events are waiting when it starts. The finish is thus *run* before the target commits
+//! but *committed* only with the following boundary query (or `settle`), which is sent after the
+//! target's commit and after that commit's WAL is flushed (the target commits without waiting
+//! for the disk, see tx.rs); if anything fails first, dropping the connection rolls the finish
+//! back and the batch comes again, recognised by its tick (see batch.rs).
 
 use crate::event::{Chunks, RawEvent};
 use crate::tx::SqlError;
@@ -15,8 +25,9 @@ use std::time::{Duration, Instant};
 /// One named dblink connection per worker process (a worker serves one job).
 const CONN: &str = "cube_dispatcher";
 const CURSOR: &str = "cube_dispatcher_events";
-/// Events per FETCH. The first FETCH of a batch is small: nothing is written while it is
-/// awaited, so a small one lets writing start sooner; later FETCHes run while a chunk is written.
+/// Events per FETCH. The first FETCH of a batch taken after a pause is small: nothing is written
+/// while it is awaited, so a small one lets writing start sooner; later FETCHes (and the first
+/// one of a batch taken at a boundary) run while a chunk is written.
 const FIRST_CHUNK: usize = 1000;
 const CHUNK: usize = 5000;
 
@@ -29,10 +40,27 @@ pub struct BatchInfo {
     /// to_char(batch_end, dateformat), computed on the source as the original did.
     pub suffix: Option<String>,
     pub lag: Option<String>,
-    /// pgq.batch_event_sql(): the query that reads the batch's events
-    pub events_sql: String,
     /// the source session's TimeZone, in which every partition suffix is computed
     pub time_zone: String,
+}
+
+/// What a batch is taken with: the job's queue settings, and how its events are read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchRequest {
+    pub queue: String,
+    pub consumer: String,
+    /// to_char format of the partition suffix; None: no suffix
+    pub dateformat: Option<String>,
+    /// pgq.next_batch_custom's min_lag, min_count, min_interval (all None: one tick per batch,
+    /// what pgq.next_batch does)
+    pub min_lag: Option<String>,
+    pub min_count: Option<i32>,
+    pub min_interval: Option<String>,
+    /// in ev_id order, which keep_latest needs. Unordered (keep_all, where order does not change
+    /// the result) the source streams rows at once instead of sorting the whole batch first.
+    pub ordered: bool,
+    /// ev_time is read only when it is used; the source then spends no time formatting it
+    pub with_time: bool,
 }
 
 pub struct Source {
@@ -41,7 +69,16 @@ pub struct Source {
     conninfo: String,
     lifetime: Duration,
     opened_at: Option<Instant>,
-    cursor_open: bool,
+    /// the connection string changed: the next connect opens a new connection
+    reconnect: bool,
+    /// the remote session is inside a transaction this side began
+    in_transaction: bool,
+    /// A boundary query sent for this request whose results before its FETCH are not read yet.
+    ahead: Option<Ahead>,
+    /// the batch being read and its request, for the boundary query its end sends
+    current: Option<(i64, BatchRequest)>,
+    /// a batch read to its end whose finish rides in the next boundary query (or `settle`)
+    owed: Option<i64>,
     /// A FETCH sent with dblink_send_query whose result is not read yet: the source produces the
     /// next chunk while this backend writes the current one.
     fetch_in_flight: bool,
@@ -49,6 +86,16 @@ pub struct Source {
     asked: usize,
     /// dblink's schema as an identifier; looked up again for every new connection
     dblink: Option<String>,
+}
+
+struct Ahead {
+    request: BatchRequest,
+    /// it began with a COMMIT, whose result comes first
+    commit: bool,
+    /// it finishes a batch, whose result comes after BEGIN's
+    finish: bool,
+    /// the size of its FETCH
+    first_fetch: usize,
 }
 
 /// The schema dblink is installed in, quoted as an identifier.
@@ -76,7 +123,11 @@ impl Source {
             conninfo: conninfo.to_string(),
             lifetime,
             opened_at: None,
-            cursor_open: false,
+            reconnect: false,
+            in_transaction: false,
+            ahead: None,
+            current: None,
+            owed: None,
             fetch_in_flight: false,
             asked: 0,
             dblink: None,
@@ -89,22 +140,28 @@ impl Source {
         sql.replace("dblink.", &format!("{schema}."))
     }
 
-    /// Takes new settings; a changed connection string applies from the next connect (which
-    /// drops the old connection first), so this needs no transaction.
+    /// Takes new settings; a changed connection string applies from the next connect, which
+    /// settles and drops the old connection first, so this needs no transaction.
     pub fn reconfigure(&mut self, conninfo: &str, lifetime: Duration) {
         if conninfo != self.conninfo {
-            self.opened_at = None;
             self.conninfo = conninfo.to_string();
+            self.reconnect = true;
         }
         self.lifetime = lifetime;
     }
 
-    /// Opens the connection, or reopens it once it is older than connection_lifetime.
-    pub fn connect(&mut self) {
-        if let Some(at) = self.opened_at {
-            if at.elapsed() < self.lifetime {
-                return;
-            }
+    fn expired(&self) -> bool {
+        self.reconnect || self.opened_at.is_none_or(|at| at.elapsed() >= self.lifetime)
+    }
+
+    /// Opens the connection, or reopens it once it is older than connection_lifetime (settling
+    /// first: only between batches, after the target's commit).
+    fn connect(&mut self) {
+        if !self.expired() {
+            return;
+        }
+        if self.opened_at.is_some() {
+            self.settle();
         }
         // a connection of that name may be left in this session by an earlier failed call
         self.disconnect();
@@ -116,12 +173,11 @@ impl Source {
         let pin = format!("SET search_path TO {}; SET DateStyle TO ISO", crate::roles::SAFE_SEARCH_PATH);
         self.run(&sql, &[CONN.into(), pin.as_str().into()]);
         self.opened_at = Some(Instant::now());
-        self.cursor_open = false;
-        self.fetch_in_flight = false;
     }
 
-    /// Drops the connection (and with it any remote transaction and cursor). Safe to call at any
-    /// time, also after an error: it only acts if the connection exists.
+    /// Drops the connection, and with it the remote transaction: a finish not committed yet is
+    /// undone, and its batch comes again. Safe to call at any time, also after an error: it only
+    /// acts if the connection exists.
     pub fn disconnect(&mut self) {
         let sql = self.dblink(
             "SELECT dblink.dblink_disconnect($1) WHERE $1 = ANY (coalesce(dblink.dblink_get_connections(), '{}'))",
@@ -129,12 +185,40 @@ impl Source {
         self.run(&sql, &[CONN.into()]);
         self.dblink = None;
         self.opened_at = None;
-        self.cursor_open = false;
+        self.reconnect = false;
+        self.in_transaction = false;
+        self.ahead = None;
+        self.current = None;
+        self.owed = None;
         self.fetch_in_flight = false;
+    }
+
+    /// Brings the remote session to rest: what is in flight is read and dropped, an owed finish
+    /// is run, and the remote transaction commits. Only between batches, after the target's
+    /// commit: that commit is what makes committing the finish right.
+    pub fn settle(&mut self) {
+        if self.ahead.is_some() {
+            self.read_ahead();
+        }
+        self.discard_fetch();
+        self.current = None;
+        if let Some(batch_id) = self.owed.take() {
+            let sql = self.dblink(
+                "SELECT r FROM dblink.dblink($1, format('select pgq.finish_batch(%s)', $2::bigint)) AS t(r int)",
+            );
+            let _: Option<i32> = self.value(&sql, &[CONN.into(), batch_id.into()]);
+        }
+        if self.in_transaction {
+            crate::tx::last_commit_durable();
+            let sql = self.dblink("SELECT dblink.dblink_exec($1, 'COMMIT')");
+            self.run(&sql, &[CONN.into()]);
+            self.in_transaction = false;
+        }
     }
 
     /// pgq.register_consumer is a no-op for a consumer that exists.
     pub fn register(&mut self, queue: &str, consumer: &str) {
+        self.settle();
         self.connect();
         let sql = self.dblink(
             "SELECT r FROM dblink.dblink($1, format('select pgq.register_consumer(%L, %L)', $2::text, $3::text)) AS t(r int)",
@@ -143,6 +227,7 @@ impl Source {
     }
 
     pub fn unregister(&mut self, queue: &str, consumer: &str) {
+        self.settle();
         self.connect();
         let sql = self.dblink(
             "SELECT r FROM dblink.dblink($1, format('select pgq.unregister_consumer(%L, %L)', $2::text, $3::text)) AS t(r int)",
@@ -150,44 +235,108 @@ impl Source {
         let _: Option<i32> = self.value(&sql, &[CONN.into(), queue.into(), consumer.into()]);
     }
 
-    /// The next batch with everything needed to process it, in one round trip: its ticks, end
-    /// time and partition suffix (to_char evaluated on the source, as the original did), lag,
-    /// and the SQL that selects its events. None when there is no batch.
-    /// `size`: pgq.next_batch_custom's min_lag, min_count, min_interval (all None: one tick per
-    /// batch, what pgq.next_batch does).
-    pub fn next_batch(
-        &mut self,
-        queue: &str,
-        consumer: &str,
-        dateformat: Option<&str>,
-        size: &BatchSize,
-    ) -> Option<BatchInfo> {
-        self.connect();
+    /// The next batch, with what is needed to process it: its ticks, end time and partition
+    /// suffix (to_char evaluated on the source, as the original did), lag, and its events' cursor
+    /// open with the first FETCH in flight. Taken from the boundary query sent when the last
+    /// batch's events ended, if it asked for the same; else asked for now. None when there is no
+    /// batch. Runs in the target transaction that will write the batch, so the previous one has
+    /// committed: anything it owes the source is committed here too.
+    pub fn next_batch(&mut self, request: &BatchRequest) -> Option<BatchInfo> {
+        if self.ahead.as_ref().is_some_and(|a| a.request != *request) {
+            // the settings changed since it was sent (reload, another pace): ask again
+            self.settle();
+        }
+        if self.ahead.is_none() {
+            self.connect();
+            self.send_boundary(request.clone(), FIRST_CHUNK);
+        }
+        let Some(info) = self.read_ahead() else {
+            self.settle();
+            return None;
+        };
+        self.current = Some((info.batch_id, request.clone()));
+        Some(info)
+    }
+
+    /// The boundary query (see the module's comment). Statements in one simple-protocol query run
+    /// in order, each with its own result; FETCH's stays in flight as any other FETCH's does.
+    fn send_boundary(&mut self, request: BatchRequest, first_fetch: usize) {
         let sql = self.dblink(
-            "SELECT id, prev_tick_id, tick_id, batch_end::text, suffix, lag::text, events_sql, time_zone
-               FROM dblink.dblink($1, format(
-                        'select b.id, i.prev_tick_id, i.tick_id, i.batch_end, to_char(i.batch_end, %L), i.lag,
-                                case when b.id is not null then pgq.batch_event_sql(b.id) end,
+            r#"SELECT dblink.dblink_send_query($1, format('%s BEGIN; %s %s; DO %L; FETCH %s FROM %I',
+                 CASE WHEN $2 THEN 'COMMIT;' ELSE '' END,
+                 CASE WHEN $4 IS NOT NULL THEN format('select pgq.finish_batch(%s);', $4::int8) ELSE '' END,
+                 -- this statement decides the batch: the DO after it finds the same one active
+                 format('select b.id, i.prev_tick_id, i.tick_id, i.batch_end, to_char(i.batch_end, %L), i.lag,
                                 current_setting(''TimeZone'')
                            from (select batch_id as id
                                    from pgq.next_batch_custom(%L, %L, %L::interval, %L::int4, %L::interval)) b
                            left join lateral pgq.get_batch_info(b.id) i on b.id is not null',
-                        coalesce($4, ''), $2::text, $3::text, $5::text, $6::int4, $7::text))
-                     AS t(id bigint, prev_tick_id bigint, tick_id bigint, batch_end timestamptz, suffix text,
-                      lag interval, events_sql text, time_zone text)",
+                        coalesce($12, ''), $5::text, $6::text, $7::text, $8::int4, $9::text),
+                 format($do$
+                   declare
+                     c refcursor := %L;
+                     b int8;
+                     s text;
+                   begin
+                     -- the batch just taken (an active batch is returned as it is); if none was,
+                     -- one taken now is left for the next query, which finds it active
+                     select batch_id into b from pgq.next_batch_custom(%L, %L, %L::interval, %L::int4, %L::interval);
+                     if b is null then
+                       open c no scroll for select null::int8, null::timestamptz, null::text, null::text, null::text where false;
+                     else
+                       s := pgq.batch_event_sql(b);
+                       -- unordered, rows stream at once instead of after a sort of the whole batch
+                       -- (pgq.get_batch_cursor removes the same suffix)
+                       if not %L::bool then s := regexp_replace(s, ' order by 1$', ''); end if;
+                       open c no scroll for execute format('select ev_id, %%s, ev_type, ev_data, ev_extra1 from (%%s) e',
+                                                            case when %L::bool then 'ev_time' else 'null::timestamptz' end, s);
+                     end if;
+                   end $do$,
+                   $3::text, $5::text, $6::text, $7::text, $8::int4, $9::text, $10::bool, $11::bool),
+                 $13::int4, $3::text))"#,
         );
-        crate::roles::as_role(self.role, || {
+        if self.in_transaction {
+            // its COMMIT commits the finish of a batch written here: written here for good first
+            crate::tx::last_commit_durable();
+        }
+        let r = &request;
+        let args = [
+            CONN.into(),
+            self.in_transaction.into(),
+            CURSOR.into(),
+            self.owed.into(),
+            r.queue.as_str().into(),
+            r.consumer.as_str().into(),
+            r.min_lag.as_deref().into(),
+            r.min_count.into(),
+            r.min_interval.as_deref().into(),
+            r.ordered.into(),
+            r.with_time.into(),
+            r.dateformat.as_deref().into(),
+            (first_fetch as i32).into(),
+        ];
+        let _: Option<i32> = self.value(&sql, &args);
+        self.ahead = Some(Ahead { request, commit: self.in_transaction, finish: self.owed.is_some(), first_fetch });
+        self.owed = None;
+        self.in_transaction = true;
+    }
+
+    /// Reads the boundary query's results up to its FETCH: the batch, if there is one.
+    fn read_ahead(&mut self) -> Option<BatchInfo> {
+        let ahead = self.ahead.take()?;
+        let status = self.dblink("SELECT * FROM dblink.dblink_get_result($1) AS t(status text)");
+        // COMMIT, BEGIN, finish
+        for _ in 0..1 + usize::from(ahead.commit) + usize::from(ahead.finish) {
+            self.run(&status, &[CONN.into()]);
+        }
+        let sql = self.dblink(
+            "SELECT id, prev_tick_id, tick_id, batch_end, suffix, lag, time_zone FROM dblink.dblink_get_result($1)
+               AS t(id bigint, prev_tick_id bigint, tick_id bigint, batch_end text, suffix text, lag text, time_zone text)",
+        );
+        let dated = ahead.request.dateformat.is_some();
+        let info = crate::roles::as_role(self.role, || {
             Spi::connect(|c| {
-                let args = [
-                    CONN.into(),
-                    queue.into(),
-                    consumer.into(),
-                    dateformat.into(),
-                    size.min_lag.into(),
-                    size.min_count.into(),
-                    size.min_interval.into(),
-                ];
-                let rows = c.select(&sql, Some(1), &args)?;
+                let rows = c.select(&sql, Some(1), &[CONN.into()])?;
                 let row = rows.first();
                 let Some(batch_id) = row.get::<i64>(1)? else { return Ok(None) };
                 Ok::<_, pgrx::spi::Error>(Some(BatchInfo {
@@ -195,35 +344,18 @@ impl Source {
                     prev_tick_id: row.get(2)?.unwrap_or_default(),
                     tick_id: row.get(3)?.unwrap_or_default(),
                     batch_end: row.get(4)?.unwrap_or_default(),
-                    suffix: if dateformat.is_some() { row.get::<String>(5)? } else { None },
+                    suffix: if dated { row.get::<String>(5)? } else { None },
                     lag: row.get(6)?,
-                    events_sql: row.get(7)?.unwrap_or_default(),
-                    time_zone: row.get(8)?.unwrap_or_default(),
+                    time_zone: row.get(7)?.unwrap_or_default(),
                 }))
             })
         })
-        .unwrap_or_else(|e| crate::spi::fail(e))
-    }
-
-    /// Declares a remote cursor over the batch's events and asks for the first chunk. Events
-    /// are then read with next_chunk(), so memory stays bounded however large the batch is.
-    ///
-    /// `ordered`: in ev_id order, which keep_latest needs. Unordered (keep_all, where order does
-    /// not change the result) the source streams rows at once instead of sorting the whole batch
-    /// before the first row; the suffix removed is the one pgq.get_batch_cursor removes too.
-    /// `with_time`: ev_time is read only when events may be set aside as dead letters; the
-    /// source then spends no time formatting it for every event.
-    pub fn open_events(&mut self, batch: &BatchInfo, ordered: bool, with_time: bool) {
-        self.connect();
-        self.close_events();
-        let sql = if ordered { batch.events_sql.as_str() } else { batch.events_sql.trim_end_matches(" order by 1") };
-        let open = self.dblink(
-            "SELECT dblink.dblink_open($1, $2, format('select ev_id, %s, ev_type, ev_data, ev_extra1 from (%s) e',
-                                                      CASE WHEN $4 THEN 'ev_time' ELSE 'null::timestamptz' END, $3::text))",
-        );
-        self.run(&open, &[CONN.into(), CURSOR.into(), sql.into(), with_time.into()]);
-        self.cursor_open = true;
-        self.send_fetch(FIRST_CHUNK);
+        .unwrap_or_else(|e| crate::spi::fail(e));
+        // DO; the FETCH's result is next
+        self.run(&status, &[CONN.into()]);
+        self.fetch_in_flight = true;
+        self.asked = ahead.first_fetch;
+        info
     }
 
     fn send_fetch(&mut self, n: usize) {
@@ -233,10 +365,18 @@ impl Source {
         self.asked = n;
     }
 
-    /// Closing the cursor also ends the remote read transaction dblink_open began.
-    pub fn close_events(&mut self) {
+    /// Nothing more is read of the current batch (all of it was, or it was written here before):
+    /// it is to be finished with the next boundary query, after this transaction commits.
+    pub fn done_reading(&mut self) {
+        self.discard_fetch();
+        if let Some((batch_id, _)) = self.current.take() {
+            self.owed = Some(batch_id);
+        }
+    }
+
+    /// A FETCH nobody will read: take its result and the closing empty one.
+    fn discard_fetch(&mut self) {
         if self.fetch_in_flight {
-            // a FETCH nobody will read: take its result and the closing empty one
             let get = self.dblink(
                 "SELECT * FROM dblink.dblink_get_result($1)
                    AS t(ev_id bigint, ev_time text, ev_type text, ev_data text, ev_extra1 text)",
@@ -246,22 +386,11 @@ impl Source {
             self.run(&release, &[CONN.into()]);
             self.fetch_in_flight = false;
         }
-        if self.cursor_open {
-            let sql = self.dblink("SELECT dblink.dblink_close($1, $2)");
-            self.run(&sql, &[CONN.into(), CURSOR.into()]);
-            self.cursor_open = false;
-        }
-    }
-
-    pub fn finish_batch(&mut self, batch_id: i64) {
-        self.connect();
-        let sql = self
-            .dblink("SELECT r FROM dblink.dblink($1, format('select pgq.finish_batch(%s)', $2::bigint)) AS t(r int)");
-        let _: Option<i32> = self.value(&sql, &[CONN.into(), batch_id.into()]);
     }
 
     /// The source session's TimeZone.
     pub fn time_zone(&mut self) -> String {
+        self.settle();
         self.connect();
         let sql = self.dblink("SELECT tz FROM dblink.dblink($1, 'select current_setting(''TimeZone'')') AS t(tz text)");
         self.value(&sql, &[CONN.into()]).unwrap_or_default()
@@ -269,6 +398,7 @@ impl Source {
 
     /// pgq.get_consumer_info's lag, for status; None when the consumer is not registered.
     pub fn consumer_lag(&mut self, queue: &str, consumer: &str) -> Option<String> {
+        self.settle();
         self.connect();
         let sql = self.dblink(
             "SELECT lag::text FROM dblink.dblink($1, format('select lag from pgq.get_consumer_info(%L, %L)', $2::text, $3::text))
@@ -301,11 +431,18 @@ impl Chunks for Source {
             let events = unsafe { borrow_events(pg_sys::SPI_tuptable, pg_sys::SPI_processed as usize) };
             self.run(&release, &[CONN.into()]);
             self.fetch_in_flight = false;
-            if events.is_empty() {
-                return Ok(None);
-            }
             if events.len() == asked {
                 self.send_fetch(CHUNK);
+            } else {
+                // the last chunk: the source takes the next batch while this one is written
+                let next = self.current.as_ref().map(|(_, request)| request.clone());
+                self.done_reading();
+                if let (Some(next), false) = (next, self.expired()) {
+                    self.send_boundary(next, CHUNK);
+                }
+            }
+            if events.is_empty() {
+                return Ok(None);
             }
             // not as the job's role: the writer switches to it itself, and the bookkeeping in
             // `write` (dead letters) needs the worker's own rights
@@ -350,25 +487,6 @@ unsafe fn borrow_events<'t>(table: *mut pg_sys::SPITupleTable, n: usize) -> Vec<
                 }
             })
             .collect()
-    }
-}
-
-/// How big a batch may grow: Skytools 3 consumers' pgq_min_lag, pgq_min_count,
-/// pgq_min_interval, as pgq.next_batch_custom takes them.
-#[derive(Debug, Clone, Default)]
-pub struct BatchSize<'a> {
-    pub min_lag: Option<&'a str>,
-    pub min_count: Option<i32>,
-    pub min_interval: Option<&'a str>,
-}
-
-impl<'a> BatchSize<'a> {
-    pub fn of(cfg: &'a crate::config::JobConfig) -> BatchSize<'a> {
-        BatchSize {
-            min_lag: cfg.pgq_min_lag.as_ref().map(|i| i.0.as_str()),
-            min_count: cfg.pgq_min_count,
-            min_interval: cfg.pgq_min_interval.as_ref().map(|i| i.0.as_str()),
-        }
     }
 }
 

@@ -472,6 +472,8 @@ impl Worker {
                 Err(e) => self.failed(e),
             }
         }
+        // the last batch's finish is committed on the source now, not left for the next start
+        let _ = in_transaction(|| self.source.settle());
         let _ = in_transaction(|| {
             self.source.disconnect();
             state::set_stopped(&self.job, Some(self.pid));

@@ -258,6 +258,34 @@ fn a_batch_already_recorded_here_is_only_finished() {
 }
 
 #[test]
+fn a_batch_is_finished_on_the_source_only_once_written_here() {
+    let c = Cluster::start();
+    // no key on the target: an event written twice would show as a second row
+    c.feed("q", "orders", ORDERS, "CREATE TABLE orders (id int, txt text, val numeric)");
+    c.start_job("cf", "q", &[("dateformat", ""), ("mode", "keep_all"), ("lock_timeout", "1")]);
+    c.source_sql("INSERT INTO orders VALUES (1, 'a', 1)");
+    c.tick("q");
+    c.wait_caught_up("q", "cf");
+    let consumer_tick = "SELECT last_tick FROM pgq.get_consumer_info('q', 'cf')";
+    let before = c.value("source", consumer_tick);
+    // The next batch cannot be written while this lock is held. Its one event is its last chunk,
+    // so by the time the worker waits for the lock, the query that finishes the batch on the
+    // source (and takes the one after it) has gone out: it must not take effect.
+    let mut locker = c.connect("target");
+    locker.batch_execute("BEGIN; LOCK TABLE orders IN SHARE MODE").unwrap();
+    c.source_sql("INSERT INTO orders VALUES (2, 'b', 2)");
+    c.tick("q");
+    c.source_sql("INSERT INTO orders VALUES (3, 'c', 3)");
+    c.tick("q");
+    c.wait_status("cf", "last_error", |e| e.is_some_and(|e| e.contains("lock timeout")));
+    assert_eq!(c.value("source", consumer_tick), before, "a batch not written here is not finished on the source");
+    locker.batch_execute("COMMIT").unwrap();
+    c.wait_caught_up("q", "cf");
+    let all = vec![row(&[Some("1"), Some("a")]), row(&[Some("2"), Some("b")]), row(&[Some("3"), Some("c")])];
+    assert_eq!(c.rows("orders", "id, txt"), all, "every event once");
+}
+
+#[test]
 fn the_real_pgqd_ticker_drives_the_job() {
     let mut c = Cluster::start();
     c.create_queue("q");
