@@ -30,6 +30,12 @@ const CURSOR: &str = "cube_dispatcher_events";
 /// one of a batch taken at a boundary) run while a chunk is written.
 const FIRST_CHUNK: usize = 1000;
 const CHUNK: usize = 5000;
+/// A FETCH's result. ev_time as text: it is only kept for dead letters, so it is not parsed per
+/// event.
+const FETCH_RESULT: &str = "SELECT ev_id, ev_time, ev_type, ev_data, ev_extra1 FROM dblink.dblink_get_result($1)
+                              AS t(ev_id bigint, ev_time text, ev_type text, ev_data text, ev_extra1 text)";
+/// dblink needs one more dblink_get_result after each result to free the connection.
+const RELEASE: &str = "SELECT * FROM dblink.dblink_get_result($1) AS t(ev_id bigint)";
 
 #[derive(Debug, Clone)]
 pub struct BatchInfo {
@@ -377,12 +383,9 @@ impl Source {
     /// A FETCH nobody will read: take its result and the closing empty one.
     fn discard_fetch(&mut self) {
         if self.fetch_in_flight {
-            let get = self.dblink(
-                "SELECT * FROM dblink.dblink_get_result($1)
-                   AS t(ev_id bigint, ev_time text, ev_type text, ev_data text, ev_extra1 text)",
-            );
+            let get = self.dblink(FETCH_RESULT);
             self.run(&get, &[CONN.into()]);
-            let release = self.dblink("SELECT * FROM dblink.dblink_get_result($1) AS t(ev_id bigint)");
+            let release = self.dblink(RELEASE);
             self.run(&release, &[CONN.into()]);
             self.fetch_in_flight = false;
         }
@@ -418,13 +421,8 @@ impl Chunks for Source {
         }
         let role = self.role;
         let asked = self.asked;
-        // ev_time as text: it is only kept for dead letters, so it is not parsed per event
-        let get = self.dblink(
-            "SELECT ev_id, ev_time, ev_type, ev_data, ev_extra1 FROM dblink.dblink_get_result($1)
-               AS t(ev_id bigint, ev_time text, ev_type text, ev_data text, ev_extra1 text)",
-        );
-        // dblink needs one more dblink_get_result after each result to free the connection
-        let release = self.dblink("SELECT * FROM dblink.dblink_get_result($1) AS t(ev_id bigint)");
+        let get = self.dblink(FETCH_RESULT);
+        let release = self.dblink(RELEASE);
         Spi::connect(|c| {
             crate::roles::as_role(role, || c.select(&get, None, &[CONN.into()]))?;
             // SAFETY: the result stays until this Spi::connect ends, after `write`
