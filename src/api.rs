@@ -270,6 +270,12 @@ fn halt(job: &str, sig: i32) -> Result<bool, ApiError> {
         signal(pid, sig);
         wait_gone(pid);
     }
+    // A worker that stops lets its helper go and waits for it; one that is killed does not, and
+    // its helper ends at its next step: the job is stopped when both are gone.
+    for helper in state::helper_pids(job) {
+        signal(helper, libc::SIGTERM);
+        wait_gone(helper);
+    }
     state::set_stopped(job, None);
     Ok(pid.is_some())
 }

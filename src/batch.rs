@@ -7,8 +7,9 @@ use crate::apply::Created;
 use crate::apply::{ApplyError, BatchWriter, Written};
 use crate::config::{JobConfig, OnError};
 use crate::event::Chunks;
+use crate::feed::Feed;
 use crate::part_time::Placement;
-use crate::source::{BatchInfo, BatchRequest, Source};
+use crate::source::{BatchInfo, BatchRequest};
 use crate::state;
 use crate::tx::{try_in_transaction, SqlError};
 use pgrx::prelude::*;
@@ -145,7 +146,7 @@ fn request(cfg: &JobConfig, pace: Pace) -> BatchRequest {
 /// Takes the next batch and does it; None when the queue has no batch ready. The batch's finish
 /// on the source is committed after this returns, with the next batch's request (see source.rs).
 pub fn run(
-    source: &mut Source,
+    source: &mut Feed,
     cfg: &JobConfig,
     role: pg_sys::Oid,
     pace: Pace,

@@ -418,6 +418,8 @@ options! {
         "take a batch only once its last tick is at least this old, e.g. 5 minutes";
     new_columns: NewColumns, Words, Unset::Value("error"), NextBatch,
         "a column the target lacks: error (retried until added), ignore (value dropped, counted) or add (with the source's type)";
+    helper: HelperUse, Words, Unset::Value("auto"), Reconnect,
+        "read the source in a second process while this one writes: auto (with 2 or more CPUs), on or off";
 }
 
 /// A setting as found: its text if set, and where it is (or would be) set, for errors.
@@ -501,6 +503,37 @@ impl Word for NewColumns {
             NewColumns::Error => "error",
             NewColumns::Ignore => "ignore",
             NewColumns::Add => "add",
+        }
+    }
+}
+
+/// Whether a job reads its source in a second process (helper.rs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HelperUse {
+    /// when the server has two CPUs or more: on one, the two processes would only take turns
+    Auto,
+    On,
+    Off,
+}
+
+impl Word for HelperUse {
+    const ALL: &'static [Self] = &[HelperUse::Auto, HelperUse::On, HelperUse::Off];
+    fn as_str(self) -> &'static str {
+        match self {
+            HelperUse::Auto => "auto",
+            HelperUse::On => "on",
+            HelperUse::Off => "off",
+        }
+    }
+}
+
+impl HelperUse {
+    pub fn wanted(self) -> bool {
+        match self {
+            // honours CPU affinity and cgroup quotas, as a container's limit should count
+            HelperUse::Auto => std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2),
+            HelperUse::On => true,
+            HelperUse::Off => false,
         }
     }
 }

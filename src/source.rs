@@ -37,7 +37,7 @@ const FETCH_RESULT: &str = "SELECT ev_id, ev_time, ev_type, ev_data, ev_extra1 F
 /// dblink needs one more dblink_get_result after each result to free the connection.
 const RELEASE: &str = "SELECT * FROM dblink.dblink_get_result($1) AS t(ev_id bigint)";
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct BatchInfo {
     pub batch_id: i64,
     pub prev_tick_id: i64,
@@ -51,7 +51,7 @@ pub struct BatchInfo {
 }
 
 /// What a batch is taken with: the job's queue settings, and how its events are read.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BatchRequest {
     pub queue: String,
     pub consumer: String,
@@ -92,6 +92,9 @@ pub struct Source {
     asked: usize,
     /// dblink's schema as an identifier; looked up again for every new connection
     dblink: Option<String>,
+    /// Where the writer's commits are known to end, when the writer is another process (the
+    /// receiving helper's case); None: this process is the writer (its own last commit).
+    written_upto: Option<u64>,
 }
 
 struct Ahead {
@@ -137,7 +140,19 @@ impl Source {
             fetch_in_flight: false,
             asked: 0,
             dblink: None,
+            written_upto: None,
         }
+    }
+
+    /// The writer is another process, whose commits end here so far.
+    pub fn set_written_upto(&mut self, lsn: u64) {
+        self.written_upto = Some(lsn);
+    }
+
+    /// A finish is about to be committed here: the batch it finishes must be written there
+    /// for good first.
+    fn writes_durable(&self) {
+        crate::tx::commit_durable(self.written_upto.unwrap_or_else(crate::tx::last_commit_end));
     }
 
     /// `sql` with `dblink.` replaced by dblink's schema: every call below names it.
@@ -215,7 +230,7 @@ impl Source {
             let _: Option<i32> = self.value(&sql, &[CONN.into(), batch_id.into()]);
         }
         if self.in_transaction {
-            crate::tx::last_commit_durable();
+            self.writes_durable();
             let sql = self.dblink("SELECT dblink.dblink_exec($1, 'COMMIT')");
             self.run(&sql, &[CONN.into()]);
             self.in_transaction = false;
@@ -303,7 +318,7 @@ impl Source {
         );
         if self.in_transaction {
             // its COMMIT commits the finish of a batch written here: written here for good first
-            crate::tx::last_commit_durable();
+            self.writes_durable();
         }
         let r = &request;
         let args = [

@@ -209,6 +209,23 @@ pub fn live_pid(job: &str) -> Option<i32> {
     )
 }
 
+/// The pids of the job's receiving helpers in this database (one at most, but one that lost its
+/// writer may linger until its current source call returns).
+pub fn helper_pids(job: &str) -> Vec<i32> {
+    Spi::connect(|c| {
+        c.select(
+            "SELECT pid FROM pg_catalog.pg_stat_get_activity(NULL)
+              WHERE backend_type = $1 AND datid = (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database())",
+            None,
+            &[crate::helper::process_type(job).as_str().into()],
+        )?
+        .map(|row| row.get::<i32>(1))
+        .filter_map(Result::transpose)
+        .collect::<Result<Vec<_>, _>>()
+    })
+    .unwrap_or_else(|e| crate::spi::fail(e))
+}
+
 /// Parks an event that cannot be written, in the batch's transaction.
 pub fn dead_letter(job: &str, batch_id: i64, suffix: Option<&str>, ev: &RawEvent, error: &str) {
     crate::spi::run(

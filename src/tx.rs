@@ -131,20 +131,26 @@ pub fn in_subtransaction<R, E>(f: impl FnOnce() -> Result<R, E>) -> Result<R, Su
 /// This transaction's commit does not wait for its WAL to reach disk (synchronous_commit off, for
 /// this transaction only): a batch's commit would otherwise keep the worker idle for a disk
 /// flush every batch. What depends on the commit being durable (the source's finish of the
-/// batch) waits for it with `last_commit_durable` instead, by which time the WAL writer has
+/// batch) waits for it with `commit_durable` instead, by which time the WAL writer has
 /// usually flushed it.
 pub fn commit_without_waiting() {
     crate::spi::run("SELECT pg_catalog.set_config('synchronous_commit', 'off', true)", &[]);
 }
 
-/// Waits until this process's last commit is on disk, and at synchronous standbys as the
-/// session's synchronous_commit asks: what a synchronous commit would have waited for.
-pub fn last_commit_durable() {
-    // SAFETY: XactLastCommitEnd is this backend's own global, set by its last commit that wrote
-    // WAL; XLogFlush and SyncRepWaitForLSN are what commit itself calls with it, legal at any
-    // time in a normal backend (both return at once when there is nothing to wait for).
+/// The WAL end of this process's last commit that wrote any (0: none yet).
+pub fn last_commit_end() -> u64 {
+    // SAFETY: this backend's own global, set by its commits
+    unsafe { pg_sys::XactLastCommitEnd }
+}
+
+/// Waits until the WAL up to `lsn` (a commit's end, of this process or of another) is on disk,
+/// and at synchronous standbys as the session's synchronous_commit asks: what a synchronous
+/// commit would have waited for.
+pub fn commit_durable(lsn: u64) {
+    // SAFETY: XLogFlush and SyncRepWaitForLSN are what commit itself calls with its own LSN,
+    // legal at any time in a normal backend, for any LSN already written (a commit's end is),
+    // and both return at once when there is nothing to wait for
     unsafe {
-        let lsn = pg_sys::XactLastCommitEnd;
         if lsn != 0 {
             pg_sys::XLogFlush(lsn);
             pg_sys::SyncRepWaitForLSN(lsn, true);

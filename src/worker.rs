@@ -8,8 +8,8 @@
 
 use crate::batch::{self, BatchError, Pace};
 use crate::config::{mask_password, JobConfig, LogLevel, Word};
+use crate::feed::Feed;
 use crate::retention;
-use crate::source::Source;
 use crate::state;
 use crate::tx::in_transaction;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
@@ -70,7 +70,7 @@ struct Worker {
     run_as: pg_sys::Oid,
     config: JobConfig,
     config_version: i64,
-    source: Source,
+    source: Feed,
     /// whether this process has registered the consumer (a no-op when it exists)
     registered: bool,
     pace: Pace,
@@ -95,6 +95,15 @@ impl Worker {
         let version = in_transaction(|| state::config_version(&self.job))?;
         if version.is_some_and(|v| v != self.config_version) {
             if let Some(row) = in_transaction(|| state::load_job(&self.job))?? {
+                if row.config.helper != self.config.helper {
+                    // the other way of reading starts from a settled source
+                    let source = &mut self.source;
+                    in_transaction(|| {
+                        source.settle();
+                        source.disconnect();
+                    })?;
+                    self.source = Feed::new(&row.config, self.run_as);
+                }
                 self.config = row.config;
                 self.config_version = row.config_version;
                 self.source.reconfigure(&self.config.src_db, Duration::from_secs_f64(self.config.connection_lifetime));
@@ -309,17 +318,29 @@ fn refuse_to_run(job: &str, pid: i32, e: state::Unreadable) {
     });
 }
 
+/// SIGTERM (kill(), server shutdown): PostgreSQL's own die(), so the transaction in progress is
+/// aborted at the next interrupt check and nothing half-done is committed.
+pub fn die_on_sigterm() {
+    // SAFETY: installing a handler before the process does anything else, as PostgreSQL's own
+    // processes do; die() is PostgreSQL's own, async-signal-safe handler
+    unsafe {
+        pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(postgres_die));
+    }
+}
+
 /// Signals and allocator, before anything else runs in the process.
 fn set_up_process() {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP);
-    // SAFETY: installing handlers before the process does anything else, as PostgreSQL's own
-    // processes do; both handlers are async-signal-safe.
+    // SAFETY: installing a handler before the process does anything else; it is
+    // async-signal-safe
     unsafe {
         pg_sys::pqsignal(pg_sys::SIGUSR2 as i32, Some(request_stop));
-        // SIGTERM (kill(), server shutdown): PostgreSQL's own die(), so the transaction in
-        // progress is aborted at the next interrupt check and nothing half-done is committed.
-        pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(postgres_die));
     }
+    die_on_sigterm();
+    tune_allocator();
+}
+
+pub fn tune_allocator() {
     // Every chunk allocates and frees buffers of a few MiB (the fetched events, the COPY text).
     // glibc would map and unmap each one, and the kernel would zero fresh pages for it every
     // time (7 % of a drain here): keep such blocks in the heap and freed memory for reuse.
@@ -332,7 +353,7 @@ fn set_up_process() {
 }
 
 /// Session settings the worker's guarantees rest on; without them it must not run.
-fn settle_session(job: &str) {
+pub fn settle_session(job: &str) {
     let settled = in_transaction(|| {
         // first of all: the database's or role's search_path must not reach the bookkeeping
         crate::roles::pin_search_path();
@@ -402,11 +423,7 @@ impl Worker {
         };
         let w = Worker {
             run_as: row.run_as,
-            source: Source::new(
-                row.run_as,
-                &row.config.src_db,
-                Duration::from_secs_f64(row.config.connection_lifetime),
-            ),
+            source: Feed::new(&row.config, row.run_as),
             job: job.to_string(),
             pid,
             config: row.config,
