@@ -232,11 +232,21 @@ fn a_bad_event_stalls_the_batch_until_fixed_then_nothing_is_lost() {
     );
 }
 
+// Each of the next two runs with the job reading the source itself and with its helper.
 #[test]
 fn a_batch_already_recorded_here_is_only_finished() {
+    already_recorded_is_only_finished("off");
+}
+
+#[test]
+fn a_batch_already_recorded_here_is_only_finished_through_the_helper() {
+    already_recorded_is_only_finished("on");
+}
+
+fn already_recorded_is_only_finished(helper: &str) {
     let c = Cluster::start();
     c.feed("q", "orders", ORDERS, ORDERS);
-    c.start_job("once", "q", &[]);
+    c.start_job("once", "q", &[("helper", helper)]);
     c.source_sql("INSERT INTO orders VALUES (1, 'a', 1)");
     c.tick("q");
     c.wait_caught_up("q", "once");
@@ -259,10 +269,19 @@ fn a_batch_already_recorded_here_is_only_finished() {
 
 #[test]
 fn a_batch_is_finished_on_the_source_only_once_written_here() {
+    finished_only_once_written("off");
+}
+
+#[test]
+fn a_batch_is_finished_on_the_source_only_once_written_here_through_the_helper() {
+    finished_only_once_written("on");
+}
+
+fn finished_only_once_written(helper: &str) {
     let c = Cluster::start();
     // no key on the target: an event written twice would show as a second row
     c.feed("q", "orders", ORDERS, "CREATE TABLE orders (id int, txt text, val numeric)");
-    c.start_job("cf", "q", &[("dateformat", ""), ("mode", "keep_all"), ("lock_timeout", "1")]);
+    c.start_job("cf", "q", &[("dateformat", ""), ("mode", "keep_all"), ("lock_timeout", "1"), ("helper", helper)]);
     c.source_sql("INSERT INTO orders VALUES (1, 'a', 1)");
     c.tick("q");
     c.wait_caught_up("q", "cf");
@@ -310,8 +329,9 @@ fn batches_ending_on_fetch_boundaries_deliver_every_event_once() {
     // end just before, exactly on and just after a FETCH's end.
     let c = Cluster::start();
     c.feed("q", "orders", ORDERS, ORDERS);
-    c.start_job("latest", "q", &[]);
-    c.start_job("every", "q", &[("mode", "keep_all"), ("dateformat", "YYYY_MM")]);
+    // one job reads the source itself, the other through its helper
+    c.start_job("latest", "q", &[("helper", "off")]);
+    c.start_job("every", "q", &[("mode", "keep_all"), ("dateformat", "YYYY_MM"), ("helper", "on")]);
     let (mut next, mut updated, mut events) = (1, 0, 0);
     for n in [999, 1000, 1001, 6000, 6001] {
         // inserts, then updates of the batch's first rows: versions of one key land in different chunks

@@ -18,6 +18,15 @@ fn pid_alive(c: &Cluster, pid: &str) -> bool {
     c.value("target", &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}")).as_deref() == Some("1")
 }
 
+/// How many receiving helpers the job has running.
+fn helpers(c: &Cluster, job: &str) -> String {
+    c.value(
+        "target",
+        &format!("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'cube_dispatcher {job} helper'"),
+    )
+    .unwrap()
+}
+
 #[test]
 fn validation_errors_name_the_setting() {
     let c = Cluster::start();
@@ -145,11 +154,13 @@ fn wait_busy(c: &Cluster, pid: i32) {
 fn stop_during_a_large_batch_completes_it() {
     let c = Cluster::start();
     setup(&c, "q");
-    let pid = c.start_job("s", "q", &[("mode", "keep_all")]);
+    let pid = c.start_job("s", "q", &[("mode", "keep_all"), ("helper", "on")]);
     big_batch(&c, "q", 300_000);
     wait_busy(&c, pid);
+    assert_eq!(helpers(&c, "s"), "1");
     assert_eq!(c.value("target", "SELECT cube_dispatcher.stop('s')::text").as_deref(), Some("true"));
     assert!(!pid_alive(&c, &pid.to_string()), "stop() returns after the worker exited");
+    assert_eq!(helpers(&c, "s"), "0", "and after its helper exited");
     let part = format!("orders_{}", c.suffix("YYYY_MM_DD"));
     assert_eq!(c.count("target", &part), 300_000, "the batch in progress was completed");
     assert_eq!(
@@ -164,11 +175,13 @@ fn stop_during_a_large_batch_completes_it() {
 fn kill_during_a_large_batch_loses_and_doubles_nothing() {
     let c = Cluster::start();
     setup(&c, "q");
-    let pid = c.start_job("k", "q", &[("mode", "keep_all")]);
+    let pid = c.start_job("k", "q", &[("mode", "keep_all"), ("helper", "on")]);
     big_batch(&c, "q", 300_000);
     wait_busy(&c, pid);
+    assert_eq!(helpers(&c, "k"), "1");
     assert_eq!(c.value("target", "SELECT cube_dispatcher.kill('k')::text").as_deref(), Some("true"));
     assert!(!pid_alive(&c, &pid.to_string()));
+    assert_eq!(helpers(&c, "k"), "0", "kill() returns with the helper gone too");
     let part = format!("orders_{}", c.suffix("YYYY_MM_DD"));
     let written = c.value("target", &format!("SELECT count(*) FROM pg_tables WHERE tablename = '{part}'")).unwrap();
     if written == "1" {
@@ -187,6 +200,25 @@ fn kill_during_a_large_batch_loses_and_doubles_nothing() {
         c.value("target", &format!("SELECT count(*) || ' ' || count(DISTINCT id) FROM {part}")).as_deref(),
         Some("300000 300000")
     );
+}
+
+#[test]
+fn without_a_free_worker_slot_for_its_helper_a_job_reads_the_source_itself() {
+    // one slot, taken by the job's worker once the launcher has looked around at start-up
+    let c = Cluster::start_with(&["max_worker_processes = 1", "max_logical_replication_workers = 0"]);
+    setup(&c, "q");
+    c.wait_until("the launcher's slot free", Duration::from_secs(30), || {
+        c.value("target", "SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE 'cube_dispatcher%'").as_deref()
+            == Some("0")
+    });
+    c.start_job("one", "q", &[("helper", "on")]);
+    c.source_sql("INSERT INTO orders SELECT g, 'r' || g FROM generate_series(1, 100) g");
+    c.tick("q");
+    c.wait_caught_up("q", "one");
+    assert_eq!(c.count("target", &format!("orders_{}", c.suffix("YYYY_MM_DD"))), 100);
+    let said = "cube_dispatcher job one: reading the source in this process: no background worker slot is free";
+    assert_eq!(c.log().matches(said).count(), 1, "said once:\n{}", c.log_tail());
+    assert_eq!(helpers(&c, "one"), "0");
 }
 
 #[test]

@@ -101,6 +101,36 @@ fn worker_pid(c: &Cluster, job: &str) -> Option<String> {
     c.value("target", &format!("SELECT pid::text FROM pg_stat_activity WHERE backend_type = 'cube_dispatcher {job}'"))
 }
 
+fn helper_pid(c: &Cluster, job: &str) -> Option<String> {
+    c.value(
+        "target",
+        &format!("SELECT pid::text FROM pg_stat_activity WHERE backend_type = 'cube_dispatcher {job} helper'"),
+    )
+}
+
+#[test]
+fn the_receiving_helper_terminated_mid_batch() {
+    let c = Cluster::start();
+    setup(&c, ORDERS);
+    let mut o = Oracle::default();
+    c.start_job("f", "q", &[("dateformat", ""), ("helper", "on")]);
+    o.batch(&c, "q", 2000, 0, 0);
+    c.wait_caught_up("q", "f");
+    // far more than the helper's queue holds: it is still sending when it is terminated
+    o.batch(&c, "q", 200_000, 1000, 500);
+    wait_writing(&c, "f");
+    let helper = helper_pid(&c, "f").unwrap();
+    c.exec("target", &format!("SELECT pg_terminate_backend({helper})"));
+    c.wait_status("f", "last_error", |e| e.is_some_and(|e| e.contains("receiving helper")));
+    c.wait_caught_up("q", "f");
+    assert_ne!(helper_pid(&c, "f").as_ref(), Some(&helper), "a new helper serves the retry");
+    let warned = format!("receiving helper (pid {helper}) ended unexpectedly");
+    assert_eq!(c.log().matches(&warned).count(), 1, "one warning:\n{}", c.log_tail());
+    o.batch(&c, "q", 100, 50, 10);
+    c.wait_caught_up("q", "f");
+    assert_latest(&c, "orders", &o);
+}
+
 #[test]
 fn sigkill_of_the_worker_mid_batch() {
     let c = Cluster::start();

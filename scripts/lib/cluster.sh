@@ -23,7 +23,9 @@ cluster_start() {
         echo "log_line_prefix = '%m [%p] %b '"
         for line in "$@"; do echo "$line"; done
     } >> "$CL_DIR/data/postgresql.conf"
-    as_owner "$PGBIN/pg_ctl" -D "$CL_DIR/data" -l "$CL_DIR/server.log" -w start >/dev/null
+    # CPUS=<list> (taskset's): the server and every process it starts run on those CPUs only,
+    # e.g. CPUS=0 for a one-CPU server
+    as_owner ${CPUS:+taskset -c "$CPUS"} "$PGBIN/pg_ctl" -D "$CL_DIR/data" -l "$CL_DIR/server.log" -w start >/dev/null
     export PGHOST=$CL_DIR PGPORT=$CL_PORT PGUSER=$CL_USER
     SRC_CONN="host=$CL_DIR port=$CL_PORT dbname=source user=$CL_USER${SRC_OPTIONS:+ $SRC_OPTIONS}"
 }
