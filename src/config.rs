@@ -419,7 +419,7 @@ options! {
     new_columns: NewColumns, Words, Unset::Value("error"), NextBatch,
         "a column the target lacks: error (retried until added), ignore (value dropped, counted) or add (with the source's type)";
     helper: HelperUse, Words, Unset::Value("auto"), Reconnect,
-        "read the source in a second process while this one writes: auto (with 2 or more CPUs), on or off";
+        "read the source in a second process while this one writes: auto (when a worker slot is free), on (warn when not) or off";
 }
 
 /// A setting as found: its text if set, and where it is (or would be) set, for errors.
@@ -507,11 +507,13 @@ impl Word for NewColumns {
     }
 }
 
-/// Whether a job reads its source in a second process (helper.rs).
+/// Whether a job reads its source in a second process (helper.rs). It pays on one CPU too
+/// (README, Performance): receiving in the writer costs it more than the helper costs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HelperUse {
-    /// when the server has two CPUs or more: on one, the two processes would only take turns
+    /// when a worker slot and shared memory can be had; otherwise quietly without (a LOG line)
     Auto,
+    /// the same, but running without one is a WARNING
     On,
     Off,
 }
@@ -529,12 +531,7 @@ impl Word for HelperUse {
 
 impl HelperUse {
     pub fn wanted(self) -> bool {
-        match self {
-            // honours CPU affinity and cgroup quotas, as a container's limit should count
-            HelperUse::Auto => std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2),
-            HelperUse::On => true,
-            HelperUse::Off => false,
-        }
+        self != HelperUse::Off
     }
 }
 
