@@ -419,7 +419,7 @@ options! {
     new_columns: NewColumns, Words, Unset::Value("error"), NextBatch,
         "a column the target lacks: error (retried until added), ignore (value dropped, counted) or add (with the source's type)";
     helper: HelperUse, Words, Unset::Value("auto"), Reconnect,
-        "read the source in a second process while this one writes: auto (when a worker slot is free), on (warn when not) or off";
+        "read the source in a second process while this one writes: auto (with 2 or more CPUs), on or off";
 }
 
 /// A setting as found: its text if set, and where it is (or would be) set, for errors.
@@ -507,13 +507,13 @@ impl Word for NewColumns {
     }
 }
 
-/// Whether a job reads its source in a second process (helper.rs). It pays on one CPU too
-/// (README, Performance): receiving in the writer costs it more than the helper costs.
+/// Whether a job reads its source in a second process (helper.rs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HelperUse {
-    /// when a worker slot and shared memory can be had; otherwise quietly without (a LOG line)
+    /// with two CPUs or more, where it clearly pays (README, Performance; on one CPU the
+    /// measurements disagree); without a worker slot or shared memory, quietly without (LOG)
     Auto,
-    /// the same, but running without one is a WARNING
+    /// always, and running without one is a WARNING
     On,
     Off,
 }
@@ -531,7 +531,12 @@ impl Word for HelperUse {
 
 impl HelperUse {
     pub fn wanted(self) -> bool {
-        self != HelperUse::Off
+        match self {
+            // honours CPU affinity and cgroup quotas, as a container's limit should count
+            HelperUse::Auto => std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2),
+            HelperUse::On => true,
+            HelperUse::Off => false,
+        }
     }
 }
 

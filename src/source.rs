@@ -224,6 +224,9 @@ impl Source {
         self.discard_fetch();
         self.current = None;
         if let Some(batch_id) = self.owed.take() {
+            // inside the remote transaction, whose COMMIT below waits for this too; but should
+            // there be none, this finish would commit on its own
+            self.writes_durable();
             let sql = self.dblink(
                 "SELECT r FROM dblink.dblink($1, format('select pgq.finish_batch(%s)', $2::bigint)) AS t(r int)",
             );
