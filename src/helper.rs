@@ -20,7 +20,7 @@ pub mod wire;
 use crate::event::{Chunks, RawEvent};
 use crate::source::{BatchInfo, BatchRequest, Source};
 use crate::tx::SqlError;
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder};
 use pgrx::prelude::*;
 use pgrx::PgMemoryContexts;
 use shm::{Created, Detached, Ends, Header};
@@ -145,10 +145,8 @@ impl Helper {
     }
 
     fn ask(&mut self, conninfo: &str, lifetime: Duration, ask: Ask) {
-        // SAFETY: this backend's own global, read between its statements
-        let written_upto = unsafe { pg_sys::XactLastCommitEnd };
         let message = wire::encode(&ToHelper {
-            written_upto,
+            written_upto: crate::tx::last_commit_end(),
             conninfo: conninfo.to_string(),
             lifetime_secs: lifetime.as_secs_f64(),
             ask,
@@ -304,9 +302,7 @@ fn serve(source: &mut Source, ends: &mut Ends, ask: Ask) -> Result<(), Stop> {
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn cube_dispatcher_helper_main(arg: pg_sys::Datum) {
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP);
-    crate::worker::die_on_sigterm();
-    crate::worker::tune_allocator();
+    crate::worker::set_up_process();
     let Some((header, mut ends)) = Ends::attach_helper(arg) else { return };
     BackgroundWorker::connect_worker_to_spi_by_oid(
         Some(header.db),

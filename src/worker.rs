@@ -318,29 +318,17 @@ fn refuse_to_run(job: &str, pid: i32, e: state::Unreadable) {
     });
 }
 
-/// SIGTERM (kill(), server shutdown): PostgreSQL's own die(), so the transaction in progress is
-/// aborted at the next interrupt check and nothing half-done is committed.
-pub fn die_on_sigterm() {
+/// Signals and allocator, before anything else runs in the process (a job's worker or its
+/// helper).
+pub fn set_up_process() {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP);
     // SAFETY: installing a handler before the process does anything else, as PostgreSQL's own
     // processes do; die() is PostgreSQL's own, async-signal-safe handler
     unsafe {
+        // SIGTERM (kill(), server shutdown): PostgreSQL's own die(), so the transaction in
+        // progress is aborted at the next interrupt check and nothing half-done is committed.
         pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(postgres_die));
     }
-}
-
-/// Signals and allocator, before anything else runs in the process.
-fn set_up_process() {
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP);
-    // SAFETY: installing a handler before the process does anything else; it is
-    // async-signal-safe
-    unsafe {
-        pg_sys::pqsignal(pg_sys::SIGUSR2 as i32, Some(request_stop));
-    }
-    die_on_sigterm();
-    tune_allocator();
-}
-
-pub fn tune_allocator() {
     // Every chunk allocates and frees buffers of a few MiB (the fetched events, the COPY text).
     // glibc would map and unmap each one, and the kernel would zero fresh pages for it every
     // time (7 % of a drain here): keep such blocks in the heap and freed memory for reuse.
@@ -504,6 +492,10 @@ impl Worker {
 pub extern "C-unwind" fn cube_dispatcher_worker_main(arg: pg_sys::Datum) {
     let job = BackgroundWorker::get_extra().to_string();
     set_up_process();
+    // SAFETY: as in set_up_process; the handler is async-signal-safe
+    unsafe {
+        pg_sys::pqsignal(pg_sys::SIGUSR2 as i32, Some(request_stop));
+    }
     // Bookkeeping in the extension's private tables runs as the bootstrap superuser; everything
     // an event can influence runs as the job's role (see roles.rs).
     let db = pg_sys::Oid::from(arg.value() as u32);
