@@ -65,7 +65,11 @@ impl Cluster {
     /// Empty `source` and `target` databases, no extensions.
     pub fn start_bare(extra_conf: &[&str]) -> Cluster {
         let base = if is_root() { 40000 } else { 45000 };
-        let port = base + (std::process::id() as u16 % 500) * 8 + NEXT_PORT.fetch_add(1, Ordering::SeqCst) % 8;
+        // a port (and directory) per cluster of this test binary: with 8 slots, a binary's 9th
+        // cluster took its 1st one's, and removed its directory while it still ran
+        let slot = NEXT_PORT.fetch_add(1, Ordering::SeqCst);
+        assert!(slot < 32, "more than 32 clusters in one test binary: widen the port range");
+        let port = base + (std::process::id() as u16 % 500) * 32 + slot;
         let dir = std::env::temp_dir().join(format!("cube-dispatcher-e2e-{}-{port}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
