@@ -210,8 +210,12 @@ pub fn live_pid(job: &str) -> Option<i32> {
 }
 
 /// The pids of the job's receiving helpers in this database (one at most, but one that lost its
-/// writer may linger until its current source call returns).
+/// writer may linger until its current source call returns), as of now.
 pub fn helper_pids(job: &str) -> Vec<i32> {
+    // The activity a transaction reads is a snapshot taken at its first read: stop() and
+    // kill() read it before their worker ended, and a helper gone since may have left its pid
+    // to an unrelated process, which must not be signalled.
+    crate::spi::run("SELECT pg_catalog.pg_stat_clear_snapshot()", &[]);
     Spi::connect(|c| {
         c.select(
             "SELECT pid FROM pg_catalog.pg_stat_get_activity(NULL)
