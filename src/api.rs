@@ -396,6 +396,7 @@ fn replay(job: &str) -> Result<i64, ApiError> {
                 ev_type: text(5)?,
                 ev_data: text(6)?,
                 ev_extra1: text(7)?,
+                predecoded: false,
             };
             out.push((r.get::<i64>(1)?.unwrap_or_default(), r.get::<String>(2)?, ev));
         }

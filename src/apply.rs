@@ -559,6 +559,9 @@ impl<'a> BatchWriter<'a> {
             self.on_truncate.clone()?;
             return Ok(Vec::new());
         }
+        if ev.predecoded {
+            return Ok(decode::predecoded::parse(ev.ev_data.as_deref().unwrap_or_default())?);
+        }
         Ok(decode::parse_row(format, ev.ev_data.as_deref())?)
     }
 

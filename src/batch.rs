@@ -69,8 +69,8 @@ impl Pace {
         }
     }
 
-    /// Dead letters keep the event's time; otherwise the source need not send it.
-    fn reads_ev_time(self) -> bool {
+    /// Sets events aside in dead letters, which keep them as stored, their time included.
+    fn parks(self) -> bool {
         self == Pace::Isolating
     }
 
@@ -139,7 +139,8 @@ fn request(cfg: &JobConfig, pace: Pace) -> BatchRequest {
         min_count: cfg.pgq_min_count,
         min_interval: cfg.pgq_min_interval.as_ref().map(|i| i.0.clone()),
         ordered: cfg.mode.reads_in_ev_id_order(),
-        with_time: pace.reads_ev_time() || cfg.part_mode.reads_event_time(),
+        with_time: pace.parks() || cfg.part_mode.reads_event_time(),
+        predecode: !pace.parks(),
     }
 }
 

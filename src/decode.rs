@@ -4,6 +4,7 @@
 //! knows which trigger made an event. Pure Rust so it is tested without a server.
 
 mod json;
+pub mod predecoded;
 
 use percent_encoding::percent_decode;
 use std::borrow::Cow;
@@ -229,6 +230,8 @@ pub enum DecodeError {
     BadJson { what: &'static str, why: String },
     #[error("{what} holds a NUL character, which PostgreSQL text cannot hold")]
     Nul { what: &'static str },
+    #[error("ev_data as decoded by the receiving helper is malformed")]
+    Predecoded,
 }
 
 /// logutriga's `I:id,name` / `U:` / `D` / `R` (a bare op is accepted, as the original did), or

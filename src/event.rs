@@ -19,6 +19,9 @@ pub struct RawEvent<'a> {
     pub ev_type: Option<Cow<'a, str>>,
     pub ev_data: Option<Cow<'a, str>>,
     pub ev_extra1: Option<Cow<'a, str>>,
+    /// ev_data holds the row decoded already by a receiving helper (`decode::predecoded`), not
+    /// as the trigger encoded it
+    pub predecoded: bool,
 }
 
 impl RawEvent<'_> {
@@ -31,6 +34,7 @@ impl RawEvent<'_> {
             ev_type: own(&self.ev_type),
             ev_data: own(&self.ev_data),
             ev_extra1: own(&self.ev_extra1),
+            predecoded: self.predecoded,
         }
     }
 }

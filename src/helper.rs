@@ -37,7 +37,7 @@ pub enum NotStarted {
     NoSlot,
     #[error("the helper process ended before it started serving; see the server log")]
     Gone,
-    #[error("the helper runs another build ({0}) than this process ({mine})", mine = env!("CARGO_PKG_VERSION"))]
+    #[error("the helper runs another build ({0}) than this process ({mine})", mine = wire::VERSION)]
     Version(String),
 }
 
@@ -116,7 +116,7 @@ impl Helper {
         }
         let mut helper = Helper { ends: created.attach(worker), worker, pid: 0, reading: false, received: 0 };
         match helper.ends.receive().map(wire::decode) {
-            Ok(Ok(Incoming::Reply(Reply::Hello { version, pid }))) if version == env!("CARGO_PKG_VERSION") => {
+            Ok(Ok(Incoming::Reply(Reply::Hello { version, pid }))) if version == wire::VERSION => {
                 helper.pid = pid;
                 Ok(helper)
             }
@@ -277,7 +277,7 @@ fn serve(source: &mut Source, ends: &mut Ends, ask: Ask) -> Result<(), Stop> {
                 let mut buf = Vec::new();
                 while let Some(sent) = source.next_chunk(|chunk| {
                     events += chunk.len() as u64;
-                    wire::encode_chunks(chunk, shm::MAX_CHUNK_MESSAGE, &mut buf, |m| ends.send(m))
+                    wire::encode_chunks(chunk, request.predecode, shm::MAX_CHUNK_MESSAGE, &mut buf, |m| ends.send(m))
                 }) {
                     sent?;
                 }
@@ -316,7 +316,7 @@ pub extern "C-unwind" fn cube_dispatcher_helper_main(arg: pg_sys::Datum) {
     });
     // SAFETY: a backend global, set at process start
     let pid = unsafe { pg_sys::MyProcPid };
-    if send(&mut ends, &Reply::Hello { version: env!("CARGO_PKG_VERSION").into(), pid }).is_err() {
+    if send(&mut ends, &Reply::Hello { version: wire::VERSION.into(), pid }).is_err() {
         return;
     }
     let mut source: Option<Source> = None;

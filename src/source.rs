@@ -67,6 +67,9 @@ pub struct BatchRequest {
     pub ordered: bool,
     /// ev_time is read only when it is used; the source then spends no time formatting it
     pub with_time: bool,
+    /// a receiving helper may send rows decoded already (`decode::predecoded`); not for a pace
+    /// that parks events, as dead letters keep ev_data as stored
+    pub predecode: bool,
 }
 
 pub struct Source {
@@ -500,6 +503,7 @@ unsafe fn borrow_events<'t>(table: *mut pg_sys::SPITupleTable, n: usize) -> Vec<
                     ev_type: text(3),
                     ev_data: text(4),
                     ev_extra1: text(5),
+                    predecoded: false,
                 }
             })
             .collect()

@@ -232,6 +232,8 @@ pub fn helper_pids(job: &str) -> Vec<i32> {
 
 /// Parks an event that cannot be written, in the batch's transaction.
 pub fn dead_letter(job: &str, batch_id: i64, suffix: Option<&str>, ev: &RawEvent, error: &str) {
+    // a pace that parks asks for events as stored (BatchRequest::predecode)
+    assert!(!ev.predecoded, "event {} of batch {batch_id} is not as stored", ev.ev_id);
     crate::spi::run(
         "INSERT INTO cube_dispatcher.dead_letter (job_name, batch_id, suffix, ev_id, ev_time, ev_type, ev_data, ev_extra1, error)
          VALUES ($1, $2, $3, $4, $5::timestamptz, $6, $7, $8, $9)",

@@ -231,7 +231,8 @@ fn dead_letters_let_the_good_events_through_and_replay_later() {
         "CREATE TABLE orders (id int PRIMARY KEY, txt text, extra text)",
         "CREATE TABLE orders (id int PRIMARY KEY, txt text, extra text)",
     );
-    c.start_job("dl", "q", &[("on_error", "dead_letter")]);
+    // through a helper, which sends rows decoded in bulk, but as stored for dead letters
+    c.start_job("dl", "q", &[("on_error", "dead_letter"), ("helper", "on")]);
     // two hand-made bad events, and a real logutriga row with a column the target lacks
     c.source_sql("INSERT INTO orders VALUES (2, 'b', 'x')");
     let bad_value = c
@@ -276,6 +277,14 @@ fn dead_letters_let_the_good_events_through_and_replay_later() {
     );
     assert!(source_time.is_some());
     assert_eq!(letter_time, source_time);
+    // and ev_data as stored, byte for byte
+    for (i, id) in [(0, &bad_value), (2, &letters[2][0].clone().unwrap())] {
+        let data = |db: &str, table: &str| {
+            c.value(db, &format!("SELECT ev_data FROM {table} WHERE ev_id = {id}"))
+                .unwrap_or_else(|| panic!("letter {i}: no ev_data in {db}"))
+        };
+        assert_eq!(data("target", "cube_dispatcher.dead_letter"), data("source", &format!("pgq.event_{queue_id}")));
+    }
     assert_eq!(c.status("dl", "dead_letters").as_deref(), Some("3"));
     assert!(c.log().contains("3 events could not be written and were stored in cube_dispatcher.dead_letter"));
 

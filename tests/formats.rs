@@ -24,25 +24,28 @@ const AWKWARD: &str = r#"
 
 /// The same rows, written through pgq.logutriga into `t_url` and through pgq.jsontriga into
 /// `t_json`, in one queue per job, arrive as the source holds them: in keep_latest the last
-/// version of each row, in keep_all every version (deletes skipped by event_types).
+/// version of each row, in keep_all every version (deletes skipped by event_types). Rows come
+/// decoded by a receiving helper (`helper = on`) and, for a third job, as stored (`off`).
 #[test]
 fn jsontriga_and_logutriga_rows_arrive_as_the_source_holds_them() {
     let c = Cluster::start();
-    for q in ["q_latest", "q_all"] {
+    for q in ["q_latest", "q_all", "q_here"] {
         c.create_queue(q);
     }
     for t in ["t_url", "t_json"] {
         c.source_sql(&format!("CREATE TABLE {t} {WIDE}"));
         c.target_sql(&format!("CREATE TABLE {t} {WIDE}"));
         let trigger = if t == "t_url" { "logutriga" } else { "jsontriga" };
-        for q in ["q_latest", "q_all"] {
+        for q in ["q_latest", "q_all", "q_here"] {
             c.source_sql(&format!(
                 "CREATE TRIGGER to_{q} AFTER INSERT OR UPDATE OR DELETE ON {t} FOR EACH ROW EXECUTE PROCEDURE pgq.{trigger}('{q}')"
             ));
         }
     }
-    c.start_job("latest", "q_latest", &[]);
-    c.start_job("every", "q_all", &[("mode", "keep_all"), ("dateformat", "YYYY_MM"), ("event_types", "I,U")]);
+    c.start_job("latest", "q_latest", &[("helper", "on")]);
+    let every = [("mode", "keep_all"), ("event_types", "I,U"), ("helper", "on"), ("dateformat", "YYYY_MM")];
+    c.start_job("every", "q_all", &every);
+    c.start_job("here", "q_here", &[&every[..2], &[("helper", "off"), ("dateformat", "YYYY")]].concat());
     // one transaction, one batch: both formats interleaved, many rows (one COPY across chunks)
     c.source_sql(&format!(
         "BEGIN;
@@ -58,11 +61,12 @@ fn jsontriga_and_logutriga_rows_arrive_as_the_source_holds_them() {
          DELETE FROM t_json WHERE id = 2;
          COMMIT;"
     ));
-    for q in ["q_latest", "q_all"] {
+    for q in ["q_latest", "q_all", "q_here"] {
         c.tick(q);
     }
     c.wait_caught_up("q_latest", "latest");
     c.wait_caught_up("q_all", "every");
+    c.wait_caught_up("q_here", "here");
     let (day, month) = (c.suffix("YYYY_MM_DD"), c.suffix("YYYY_MM"));
     let source = c.query("source", "SELECT * FROM t_url ORDER BY id");
     assert_eq!(source.len(), 3 + 3000 - 1);
@@ -74,6 +78,11 @@ fn jsontriga_and_logutriga_rows_arrive_as_the_source_holds_them() {
     let all = |t: &str| c.query("target", &format!("SELECT * FROM {t}_{month} ORDER BY id, tx"));
     assert_eq!(all("t_url").len(), 3 + 3000 + 2);
     assert_eq!(all("t_json"), all("t_url"), "keep_all: both formats give the same rows");
+    let year = c.suffix("YYYY");
+    for t in ["t_url", "t_json"] {
+        let here = c.query("target", &format!("SELECT * FROM {t}_{year} ORDER BY id, tx"));
+        assert_eq!(here, all(t), "keep_all {t}: the same rows decoded here as by the helper");
+    }
     let latest_versions =
         c.query("target", &format!("SELECT DISTINCT ON (id) * FROM t_json_{month} WHERE id <> 2 ORDER BY id, tx DESC"));
     assert_eq!(latest_versions, source, "keep_all: the last version of each row is the source's");

@@ -2,11 +2,13 @@
 //! and rare (a few per batch): JSON. Events are the hot path: a chunk is a binary message the
 //! writer reads in place, its events' text borrowed from the queue's memory, never copied.
 //!
-//! A chunk: `C`, the event count (u32), then per event its id (i64) and the lengths of ev_time,
-//! ev_type, ev_data and ev_extra1 (u32, u32::MAX for NULL), then all their bytes in that order.
+//! A chunk: `C`, the event count (u32), then per event its id (i64), 1 if its ev_data is
+//! predecoded (`decode::predecoded`) else 0 (u8), and the lengths of ev_time, ev_type, ev_data
+//! and ev_extra1 (u32, u32::MAX for NULL), then all their bytes in that order.
 //! Little-endian throughout; both ends are the same build on the same machine, but a length read
 //! wrongly must fail a check, not read out of bounds.
 
+use crate::decode::predecoded::Predecoder;
 use crate::event::RawEvent;
 use crate::source::{BatchInfo, BatchRequest};
 use serde::{Deserialize, Serialize};
@@ -56,9 +58,13 @@ pub enum Reply {
     Failed { sqlstate: i32, message: String },
 }
 
+/// The build and wire format a helper and its writer must share (a library replaced under a
+/// running server would otherwise pair an old writer with a new helper).
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " wire 2");
+
 const CHUNK: u8 = b'C';
 const JSON: u8 = b'J';
-const FIELD: usize = 8 + 4 * 4;
+const FIELD: usize = 8 + 1 + 4 * 4;
 const NULL: u32 = u32::MAX;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -111,13 +117,19 @@ fn decode_chunk(body: &[u8]) -> Result<Vec<RawEvent<'_>>, Malformed> {
     };
     let mut events = Vec::with_capacity(n);
     for f in fixed.chunks_exact(FIELD) {
-        let len = |i: usize| u32::from_le_bytes(f[8 + 4 * i..12 + 4 * i].try_into().expect("4 bytes"));
+        let len = |i: usize| u32::from_le_bytes(f[9 + 4 * i..13 + 4 * i].try_into().expect("4 bytes"));
+        let predecoded = match f[8] {
+            0 => false,
+            1 if len(2) != NULL => true,
+            _ => return Err(Malformed("an event with a bad flag")),
+        };
         events.push(RawEvent {
             ev_id: i64::from_le_bytes(f[..8].try_into().expect("8 bytes")),
             ev_time: take(len(0))?,
             ev_type: take(len(1))?,
             ev_data: take(len(2))?,
             ev_extra1: take(len(3))?,
+            predecoded,
         });
     }
     if !text.is_empty() {
@@ -126,49 +138,71 @@ fn decode_chunk(body: &[u8]) -> Result<Vec<RawEvent<'_>>, Malformed> {
     Ok(events)
 }
 
-fn fields<'e>(e: &'e RawEvent) -> [Option<&'e str>; 4] {
-    [e.ev_time.as_deref(), e.ev_type.as_deref(), e.ev_data.as_deref(), e.ev_extra1.as_deref()]
-}
-
 /// Encodes `events` as chunk messages of at most about `max` bytes each (an event bigger than
 /// that goes alone), handing each to `send`; stops at the first error `send` returns.
+/// `predecode`: send the rows of the events that decode decoded (`decode::predecoded`).
 pub fn encode_chunks<E>(
     events: &[RawEvent],
+    predecode: bool,
     max: usize,
     buf: &mut Vec<u8>,
     mut send: impl FnMut(&[u8]) -> Result<(), E>,
 ) -> Result<(), E> {
-    let size = |e: &RawEvent| FIELD + fields(e).iter().map(|f| f.map_or(0, str::len)).sum::<usize>();
-    let mut rest = events;
-    while !rest.is_empty() {
-        let mut n = 0;
+    // each event's ev_data as sent: a span of `decoded`, or as stored
+    let mut decoded = Vec::new();
+    let mut predecoder = Predecoder::default();
+    let spans: Vec<Option<(usize, usize)>> = events
+        .iter()
+        .map(|e| {
+            let start = decoded.len();
+            let done = predecode && predecoder.write(e.ev_type.as_deref(), e.ev_data.as_deref(), &mut decoded);
+            done.then(|| (start, decoded.len()))
+        })
+        .collect();
+    let fields = |i: usize| -> [Option<&[u8]>; 4] {
+        let e = &events[i];
+        let data = match spans[i] {
+            Some((start, end)) => Some(&decoded[start..end]),
+            None => e.ev_data.as_deref().map(str::as_bytes),
+        };
+        [
+            e.ev_time.as_deref().map(str::as_bytes),
+            e.ev_type.as_deref().map(str::as_bytes),
+            data,
+            e.ev_extra1.as_deref().map(str::as_bytes),
+        ]
+    };
+    let size = |i: usize| FIELD + fields(i).iter().map(|f| f.map_or(0, <[u8]>::len)).sum::<usize>();
+    let mut from = 0;
+    while from < events.len() {
+        let mut to = from;
         let mut total = 5;
-        for e in rest {
-            let s = size(e);
-            if n > 0 && total + s > max {
+        while to < events.len() {
+            let s = size(to);
+            if to > from && total + s > max {
                 break;
             }
-            n += 1;
+            to += 1;
             total += s;
         }
-        let (part, after) = rest.split_at(n);
         buf.clear();
         buf.reserve(total);
         buf.push(CHUNK);
-        buf.extend_from_slice(&(n as u32).to_le_bytes());
-        for e in part {
-            buf.extend_from_slice(&e.ev_id.to_le_bytes());
-            for f in fields(e) {
+        buf.extend_from_slice(&((to - from) as u32).to_le_bytes());
+        for i in from..to {
+            buf.extend_from_slice(&events[i].ev_id.to_le_bytes());
+            buf.push(spans[i].is_some() as u8);
+            for f in fields(i) {
                 buf.extend_from_slice(&f.map_or(NULL, |s| s.len() as u32).to_le_bytes());
             }
         }
-        for e in part {
-            for f in fields(e).into_iter().flatten() {
-                buf.extend_from_slice(f.as_bytes());
+        for i in from..to {
+            for f in fields(i).into_iter().flatten() {
+                buf.extend_from_slice(f);
             }
         }
         send(buf)?;
-        rest = after;
+        from = to;
     }
     Ok(())
 }
@@ -184,12 +218,17 @@ mod tests {
             ev_type: Some("I:id".into()),
             ev_data: data.map(Cow::Borrowed),
             ev_extra1: Some("public.orders".into()),
+            predecoded: false,
         }
     }
 
     fn chunks(events: &[RawEvent], max: usize) -> Vec<Vec<u8>> {
+        chunks_predecoding(events, false, max)
+    }
+
+    fn chunks_predecoding(events: &[RawEvent], predecode: bool, max: usize) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
-        encode_chunks(events, max, &mut Vec::new(), |m| {
+        encode_chunks(events, predecode, max, &mut Vec::new(), |m| {
             out.push(m.to_vec());
             Ok::<_, ()>(())
         })
@@ -254,6 +293,40 @@ mod tests {
         let at = bad_text.len() - 1;
         bad_text[at] = 0xff;
         assert_eq!(decode(&bad_text).unwrap_err(), Malformed("text that is not UTF-8"));
+    }
+
+    #[test]
+    fn rows_that_decode_are_sent_decoded_the_others_as_stored() {
+        use crate::decode::{parse_row, predecoded, Format};
+
+        let mut truncate = ev(4, None);
+        truncate.ev_type = Some("R".into());
+        let sent = [ev(1, Some("id=1&name=J%C3%BCrgen+M&t=a%09b")), ev(2, Some("id=%zz")), ev(3, None), truncate];
+        let messages = chunks_predecoding(&sent, true, 1 << 20);
+        let Incoming::Chunk(back) = decode(&messages[0]).unwrap() else { panic!("not a chunk") };
+        assert_eq!(back.iter().map(|e| e.predecoded).collect::<Vec<_>>(), [true, false, false, false]);
+        let row = predecoded::parse(back[0].ev_data.as_deref().unwrap()).unwrap();
+        let text = |row: crate::decode::Row| -> Vec<(String, Option<String>)> {
+            row.iter().map(|(n, v)| (n.to_string(), v.map(|v| v.decoded().into_owned()))).collect()
+        };
+        let want = text(parse_row(Format::Url, sent[0].ev_data.as_deref()).unwrap());
+        assert_eq!(want[1], ("name".to_string(), Some("Jürgen M".to_string())));
+        assert_eq!(text(row), want);
+        for i in 1..4 {
+            assert_eq!(back[i].ev_data, sent[i].ev_data);
+            assert_eq!(back[i].ev_type, sent[i].ev_type);
+        }
+        // not asked: all as stored
+        let stored = chunks(&sent, 1 << 20);
+        let Incoming::Chunk(plain) = decode(&stored[0]).unwrap() else { panic!("not a chunk") };
+        assert!(plain.iter().zip(&sent).all(|(b, s)| !b.predecoded && b.ev_data == s.ev_data));
+        // a flag other than 0 or 1, or set on a NULL ev_data, is refused
+        let mut bad = messages[0].clone();
+        bad[5 + 8] = 2;
+        assert_eq!(decode(&bad).unwrap_err(), Malformed("an event with a bad flag"));
+        let mut bad = messages[0].clone();
+        bad[5 + 2 * FIELD + 8] = 1;
+        assert_eq!(decode(&bad).unwrap_err(), Malformed("an event with a bad flag"));
     }
 
     #[test]
