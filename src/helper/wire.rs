@@ -156,7 +156,7 @@ pub fn encode_chunks<E>(
         .map(|e| {
             let start = decoded.len();
             let done = predecode && predecoder.write(e.ev_type.as_deref(), e.ev_data.as_deref(), &mut decoded);
-            done.then(|| (start, decoded.len()))
+            done.then_some((start, decoded.len()))
         })
         .collect();
     let fields = |i: usize| -> [Option<&[u8]>; 4] {
