@@ -161,6 +161,10 @@ pub fn run(
         };
         batch_id = Some(info.batch_id);
         if already_written(cfg, &info)? {
+            // Written by an earlier process, whose commit did not wait for the disk: the finish
+            // that follows may only be committed once that commit is durable, and this
+            // process's own last commit says nothing about it.
+            crate::tx::commit_durable(crate::tx::wal_inserted_end());
             source.done_reading();
             return Ok(Some((info, None)));
         }

@@ -19,7 +19,10 @@ use crate::event::{Chunks, RawEvent};
 use crate::tx::SqlError;
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
+use pgrx::spi::{OwnedPreparedStatement, PreparedStatement};
 use std::borrow::Cow;
+use std::collections::HashMap;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 /// One named dblink connection per worker process (a worker serves one job).
@@ -95,6 +98,9 @@ pub struct Source {
     asked: usize,
     /// dblink's schema as an identifier; looked up again for every new connection
     dblink: Option<String>,
+    /// The statements run here, planned once per connection (by text and argument types):
+    /// a batch runs about ten, a chunk two.
+    plans: HashMap<(String, Vec<pg_sys::Oid>), Rc<OwnedPreparedStatement>>,
     /// Where the writer's commits are known to end, when the writer is another process (the
     /// receiving helper's case); None: this process is the writer (its own last commit).
     written_upto: Option<u64>,
@@ -121,12 +127,41 @@ fn dblink_schema() -> String {
 }
 
 impl Source {
-    fn value<T: FromDatum + IntoDatum>(&self, sql: &str, args: &[DatumWithOid]) -> Option<T> {
-        crate::roles::as_role(self.role, || crate::spi::value(sql, args))
+    /// `sql` planned for these arguments' types, once per connection. Kept plans are replanned
+    /// by PostgreSQL itself when what they use changes.
+    fn plan(&mut self, sql: &str, args: &[DatumWithOid]) -> Rc<OwnedPreparedStatement> {
+        let key = (sql.to_string(), args.iter().map(DatumWithOid::oid).collect::<Vec<_>>());
+        if let Some(plan) = self.plans.get(&key) {
+            return plan.clone();
+        }
+        let types: Vec<PgOid> = key.1.iter().map(|&t| PgOid::from(t)).collect();
+        // read-write: dblink's functions are volatile, and some statements lock rows remotely
+        let plan = Spi::connect(|c| c.prepare_mut(sql, &types).map(PreparedStatement::keep))
+            .map(Rc::new)
+            .unwrap_or_else(|e| crate::spi::fail(e));
+        self.plans.insert(key, plan.clone());
+        plan
     }
 
-    fn run(&self, sql: &str, args: &[DatumWithOid]) {
-        crate::roles::as_role(self.role, || crate::spi::run(sql, args))
+    fn value<T: FromDatum + IntoDatum>(&mut self, sql: &str, args: &[DatumWithOid]) -> Option<T> {
+        let plan = self.plan(sql, args);
+        crate::roles::as_role(self.role, || {
+            Spi::connect_mut(|c| {
+                let rows = c.update(&*plan, Some(1), args)?;
+                if rows.is_empty() {
+                    Ok(None)
+                } else {
+                    rows.first().get_one::<T>()
+                }
+            })
+        })
+        .unwrap_or_else(|e| crate::spi::fail(e))
+    }
+
+    fn run(&mut self, sql: &str, args: &[DatumWithOid]) {
+        let plan = self.plan(sql, args);
+        crate::roles::as_role(self.role, || Spi::connect_mut(|c| c.update(&*plan, None, args).map(|_| ())))
+            .unwrap_or_else(|e| crate::spi::fail(e))
     }
 
     pub fn new(role: pg_sys::Oid, conninfo: &str, lifetime: Duration) -> Source {
@@ -143,6 +178,7 @@ impl Source {
             fetch_in_flight: false,
             asked: 0,
             dblink: None,
+            plans: HashMap::new(),
             written_upto: None,
         }
     }
@@ -208,6 +244,7 @@ impl Source {
         );
         self.run(&sql, &[CONN.into()]);
         self.dblink = None;
+        self.plans.clear();
         self.opened_at = None;
         self.reconnect = false;
         self.in_transaction = false;
@@ -361,9 +398,10 @@ impl Source {
                AS t(id bigint, prev_tick_id bigint, tick_id bigint, batch_end text, suffix text, lag text, time_zone text)",
         );
         let dated = ahead.request.dateformat.is_some();
+        let plan = self.plan(&sql, &[CONN.into()]);
         let info = crate::roles::as_role(self.role, || {
             Spi::connect(|c| {
-                let rows = c.select(&sql, Some(1), &[CONN.into()])?;
+                let rows = c.select(&*plan, Some(1), &[CONN.into()])?;
                 let row = rows.first();
                 let Some(batch_id) = row.get::<i64>(1)? else { return Ok(None) };
                 Ok::<_, pgrx::spi::Error>(Some(BatchInfo {
@@ -443,9 +481,10 @@ impl Chunks for Source {
         let role = self.role;
         let asked = self.asked;
         let get = self.dblink(FETCH_RESULT);
+        let get = self.plan(&get, &[CONN.into()]);
         let release = self.dblink(RELEASE);
         Spi::connect(|c| {
-            crate::roles::as_role(role, || c.select(&get, None, &[CONN.into()]))?;
+            crate::roles::as_role(role, || c.select(&*get, None, &[CONN.into()]))?;
             // SAFETY: the result stays until this Spi::connect ends, after `write`
             let events = unsafe { borrow_events(pg_sys::SPI_tuptable, pg_sys::SPI_processed as usize) };
             self.run(&release, &[CONN.into()]);

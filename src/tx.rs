@@ -143,6 +143,13 @@ pub fn last_commit_end() -> u64 {
     unsafe { pg_sys::XactLastCommitEnd }
 }
 
+/// Where WAL inserted so far by any process ends: past every commit made so far, also those of
+/// processes gone since.
+pub fn wal_inserted_end() -> u64 {
+    // SAFETY: reads the insert position under its spinlock; legal in any backend at any time
+    unsafe { pg_sys::GetXLogInsertRecPtr() }
+}
+
 /// Waits until the WAL up to `lsn` (a commit's end, of this process or of another) is on disk,
 /// and at synchronous standbys as the session's synchronous_commit asks: what a synchronous
 /// commit would have waited for.
