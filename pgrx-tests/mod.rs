@@ -33,6 +33,7 @@ mod tests {
             ev_type: Some(ty.into()),
             ev_data: Some(data.into()),
             ev_extra1: Some(table.into()),
+            predecoded: false,
         }
     }
 
