@@ -7,7 +7,10 @@
 //! Exactly once, as without a helper: every ask carries how far the writer's commits go, and the
 //! helper's Source commits a finish on the source only after that commit is flushed
 //! (`Source::set_written_upto`). The writer asks for batch N+1 only after N committed, so the
-//! helper never commits a finish the writer has not written.
+//! helper never commits a finish the writer has not written. While the writer writes and commits
+//! a batch's last events, the helper already takes the next batch and reads its first chunk
+//! (`read_early`), committing nothing: the next `Next` is answered at once, and anything else
+//! lets that batch go unfinished, so it comes again.
 //!
 //! Errors: the helper catches each ask's error, sends it once (`Failed`), and exits quietly; the
 //! writer raises it in its batch, so it is reported once, with its SQLSTATE, like an error of its
@@ -265,25 +268,50 @@ fn send(ends: &mut Ends, reply: &Reply) -> Result<(), Detached> {
     ends.send(&wire::encode(reply))
 }
 
-/// One ask, answered.
-fn serve(source: &mut Source, ends: &mut Ends, ask: Ask) -> Result<(), Stop> {
+/// The next batch and its first chunk, read and encoded while the writer still wrote the last
+/// one, for the writer's next ask if that asks for it (Source::read_early).
+struct Early {
+    request: BatchRequest,
+    info: BatchInfo,
+    messages: Vec<Vec<u8>>,
+    events: u64,
+}
+
+/// One ask, answered; true when it was a batch sent to its end. `early`: what was read ahead
+/// after the last batch, for this ask if it is the `Next` it was read for.
+fn serve(source: &mut Source, ends: &mut Ends, ask: Ask, early: Option<Early>) -> Result<bool, Stop> {
     let answer = match ask {
         Ask::Next(request) => {
-            let info = source.next_batch(&request);
-            let batch = info.is_some();
-            send(ends, &Reply::Batch(info))?;
-            if batch {
-                let mut events = 0u64;
-                let mut buf = Vec::new();
-                while let Some(sent) = source.next_chunk(|chunk| {
-                    events += chunk.len() as u64;
-                    wire::encode_chunks(chunk, request.predecode, shm::MAX_CHUNK_MESSAGE, &mut buf, |m| ends.send(m))
-                }) {
-                    sent?;
+            let mut events = 0u64;
+            match early {
+                Some(e) if e.request == request => {
+                    // the writer committed the last batch: its finish may be committed now
+                    source.release_boundary();
+                    send(ends, &Reply::Batch(Some(e.info)))?;
+                    for m in &e.messages {
+                        ends.send(m)?;
+                    }
+                    events = e.events;
                 }
-                send(ends, &Reply::End { events })?;
+                // none, or read for other settings (a reload): next_batch lets it go
+                _ => {
+                    let info = source.next_batch(&request);
+                    let batch = info.is_some();
+                    send(ends, &Reply::Batch(info))?;
+                    if !batch {
+                        return Ok(false);
+                    }
+                }
             }
-            return Ok(());
+            let mut buf = Vec::new();
+            while let Some(sent) = source.next_chunk(|chunk| {
+                events += chunk.len() as u64;
+                wire::encode_chunks(chunk, request.predecode, shm::MAX_CHUNK_MESSAGE, &mut buf, |m| ends.send(m))
+            }) {
+                sent?;
+            }
+            send(ends, &Reply::End { events })?;
+            return Ok(true);
         }
         Ask::Register { queue, consumer } => {
             source.register(&queue, &consumer);
@@ -296,7 +324,25 @@ fn serve(source: &mut Source, ends: &mut Ends, ask: Ask) -> Result<(), Stop> {
             None
         }
     };
-    Ok(send(ends, &Reply::Answer(answer))?)
+    send(ends, &Reply::Answer(answer))?;
+    Ok(false)
+}
+
+/// While the writer writes the end of the batch just sent (up to the queue's size of events)
+/// and commits it: the next batch's info and first chunk, so that its next `Next` is answered
+/// at once instead of after a round trip to the source. Nothing is committed or finished here
+/// (see Source::read_early).
+fn read_early(source: &mut Source) -> Option<Early> {
+    let (request, info) = source.read_early()?;
+    let (mut messages, mut events, mut buf) = (Vec::new(), 0, Vec::new());
+    source.next_chunk(|chunk| {
+        events = chunk.len() as u64;
+        wire::encode_chunks(chunk, request.predecode, shm::MAX_CHUNK_MESSAGE, &mut buf, |m| {
+            messages.push(m.to_vec());
+            Ok::<_, std::convert::Infallible>(())
+        })
+    });
+    Some(Early { request, info, messages, events })
 }
 
 #[pg_guard]
@@ -320,16 +366,29 @@ pub extern "C-unwind" fn cube_dispatcher_helper_main(arg: pg_sys::Datum) {
         return;
     }
     let mut source: Option<Source> = None;
+    // what was read early; an error there is the answer to the writer's next ask, which is
+    // when the writer listens (it may be committing the last batch meanwhile)
+    let mut early: Option<Result<Early, SqlError>> = None;
     while let Ok(message) = ends.receive() {
-        let stop = match wire::decode_request(message) {
-            Ok(asked) => {
+        let stop = match (wire::decode_request(message), early.take()) {
+            (Ok(_), Some(Err(e))) => Some(Stop::Failed(e)),
+            (Ok(asked), early_read) => {
                 let lifetime = Duration::from_secs_f64(asked.lifetime_secs);
                 let source = source.get_or_insert_with(|| Source::new(header.run_as, &asked.conninfo, lifetime));
                 source.reconfigure(&asked.conninfo, lifetime);
                 source.set_written_upto(asked.written_upto);
-                crate::tx::try_in_transaction(|| serve(source, &mut ends, asked.ask)).err()
+                // any ask but the Next it was read for lets the early batch go
+                let early_read = early_read.and_then(Result::ok);
+                match crate::tx::try_in_transaction(|| serve(source, &mut ends, asked.ask, early_read)) {
+                    Ok(true) => {
+                        early = crate::tx::try_in_transaction(|| Ok::<_, SqlError>(read_early(source))).transpose();
+                        None
+                    }
+                    Ok(false) => None,
+                    Err(stop) => Some(stop),
+                }
             }
-            Err(e) => Some(Stop::Failed(SqlError {
+            (Err(e), _) => Some(Stop::Failed(SqlError {
                 message: e.to_string(),
                 code: PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION,
                 transient: false,

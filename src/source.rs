@@ -96,6 +96,12 @@ pub struct Source {
     fetch_in_flight: bool,
     /// the size of the FETCH in flight: a shorter answer means the cursor is exhausted
     asked: usize,
+    /// The current batch is being read before the writer asked for it (`read_early`): its end
+    /// sends no boundary query, whose COMMIT would commit the finish of a batch the writer may
+    /// not have committed yet.
+    reading_early: bool,
+    /// that end was reached: the boundary query waits for `release_boundary`
+    held: bool,
     /// dblink's schema as an identifier; looked up again for every new connection
     dblink: Option<String>,
     /// The statements run here, planned once per connection (by text and argument types):
@@ -177,6 +183,8 @@ impl Source {
             owed: None,
             fetch_in_flight: false,
             asked: 0,
+            reading_early: false,
+            held: false,
             dblink: None,
             plans: HashMap::new(),
             written_upto: None,
@@ -252,6 +260,8 @@ impl Source {
         self.current = None;
         self.owed = None;
         self.fetch_in_flight = false;
+        self.reading_early = false;
+        self.held = false;
     }
 
     /// Brings the remote session to rest: what is in flight is read and dropped, an owed finish
@@ -262,7 +272,10 @@ impl Source {
             self.read_ahead();
         }
         self.discard_fetch();
+        // a batch read early and not handed out is not finished: it comes again
         self.current = None;
+        self.reading_early = false;
+        self.held = false;
         if let Some(batch_id) = self.owed.take() {
             // inside the remote transaction, whose COMMIT below waits for this too; but should
             // there be none, this finish would commit on its own
@@ -306,6 +319,10 @@ impl Source {
     /// batch. Runs in the target transaction that will write the batch, so the previous one has
     /// committed: anything it owes the source is committed here too.
     pub fn next_batch(&mut self, request: &BatchRequest) -> Option<BatchInfo> {
+        if self.reading_early {
+            // a batch read early that the writer did not ask for (see read_early)
+            self.settle();
+        }
         if self.ahead.as_ref().is_some_and(|a| a.request != *request) {
             // the settings changed since it was sent (reload, another pace): ask again
             self.settle();
@@ -423,6 +440,43 @@ impl Source {
         info
     }
 
+    /// The current batch's last chunk was read: the source takes the next batch while this one
+    /// is written.
+    fn end_of_batch(&mut self) {
+        let next = self.current.as_ref().map(|(_, request)| request.clone());
+        self.done_reading();
+        if let (Some(next), false) = (next, self.expired()) {
+            self.send_boundary(next, CHUNK);
+        }
+    }
+
+    /// For a receiving helper, while its writer still writes the last batch: the next batch, as
+    /// the boundary query in flight took it, with the request it was taken for; None when no
+    /// boundary query is in flight or it found no batch. Commits nothing: the last batch's
+    /// finish stays uncommitted, and the chunks read until `release_boundary` send no boundary
+    /// query (whose COMMIT would commit it). The batch read early is finished only if the
+    /// writer asks for it (`release_boundary`); anything else settles, and it comes again.
+    pub fn read_early(&mut self) -> Option<(BatchRequest, BatchInfo)> {
+        let request = self.ahead.as_ref()?.request.clone();
+        let Some(info) = self.read_ahead() else {
+            // the next ask sends a boundary query again, behind the empty cursor's FETCH
+            self.discard_fetch();
+            return None;
+        };
+        self.current = Some((info.batch_id, request.clone()));
+        self.reading_early = true;
+        Some((request, info))
+    }
+
+    /// The writer asked for the batch read early (and its commits, known now, may be waited
+    /// for): reading goes on as usual, and a batch end reached early sends its boundary query.
+    pub fn release_boundary(&mut self) {
+        self.reading_early = false;
+        if std::mem::take(&mut self.held) {
+            self.end_of_batch();
+        }
+    }
+
     fn send_fetch(&mut self, n: usize) {
         let sql = self.dblink("SELECT dblink.dblink_send_query($1, format('FETCH %s FROM %I', $2::int, $3::text))");
         let _: Option<i32> = self.value(&sql, &[CONN.into(), (n as i32).into(), CURSOR.into()]);
@@ -491,13 +545,10 @@ impl Chunks for Source {
             self.fetch_in_flight = false;
             if events.len() == asked {
                 self.send_fetch(CHUNK);
+            } else if self.reading_early {
+                self.held = true;
             } else {
-                // the last chunk: the source takes the next batch while this one is written
-                let next = self.current.as_ref().map(|(_, request)| request.clone());
-                self.done_reading();
-                if let (Some(next), false) = (next, self.expired()) {
-                    self.send_boundary(next, CHUNK);
-                }
+                self.end_of_batch();
             }
             if events.is_empty() {
                 return Ok(None);

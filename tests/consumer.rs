@@ -289,7 +289,8 @@ fn finished_only_once_written(helper: &str) {
     let before = c.value("source", consumer_tick);
     // The next batch cannot be written while this lock is held. Its one event is its last chunk,
     // so by the time the worker waits for the lock, the query that finishes the batch on the
-    // source (and takes the one after it) has gone out: it must not take effect.
+    // source (and takes the one after it) has gone out: it must not take effect. A helper has
+    // by then also read the batch after it, whose end must not commit that finish either.
     let mut locker = c.connect("target");
     locker.batch_execute("BEGIN; LOCK TABLE orders IN SHARE MODE").unwrap();
     c.source_sql("INSERT INTO orders VALUES (2, 'b', 2)");
