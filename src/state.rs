@@ -170,6 +170,15 @@ pub fn record_lag(job: &str, lag: Option<String>) {
     )
 }
 
+/// Taken by a starting worker before it announces itself, held to its commit: a stop() that
+/// disabled the job first (an update of this row) has committed by then, and the worker reads
+/// enabled = false; one that comes later waits for the worker's commit and finds its pid. Without
+/// it a stop() right after start() could find no pid yet, and the worker, reading enabled before
+/// that stop() committed, would run on unstopped (a second start() then started another).
+pub fn lock_job(job: &str) {
+    crate::spi::run("SELECT FROM cube_dispatcher.job WHERE job_name = $1 FOR SHARE", &[job.into()])
+}
+
 /// The worker announces itself. When start() has not committed yet, this waits on its row.
 pub fn worker_started(job: &str, pid: i32) {
     crate::spi::run(

@@ -392,6 +392,7 @@ impl Worker {
             return None;
         }
         let row = match in_transaction(|| {
+            state::lock_job(job);
             state::worker_started(job, pid);
             state::load_job(job)
         }) {

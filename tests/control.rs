@@ -151,6 +151,66 @@ fn wait_busy(c: &Cluster, pid: i32) {
 }
 
 #[test]
+fn stop_right_after_start_stops_the_worker() {
+    let c = Cluster::start();
+    setup(&c, "q");
+    c.start_job("r", "q", &[]);
+    c.wait_status("r", "state", |s| s == Some("running"));
+    assert_eq!(c.value("target", "SELECT cube_dispatcher.stop('r')::text").as_deref(), Some("true"));
+    let waits_for_a_lock = |condition: &str| {
+        c.value(
+            "target",
+            &format!("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND {condition}"),
+        )
+        .as_deref()
+            == Some("1")
+    };
+    // A worker started and held before it records itself (behind a lock on its status row,
+    // queued while start() had not committed), and a stop() that comes meanwhile. Without the
+    // job row lock the worker takes first, this left the worker running 2 times in 3 (the
+    // third, it was quicker than the lock here).
+    let mut starter = c.connect("target");
+    starter.batch_execute("BEGIN").unwrap();
+    let pid: i32 = starter.query_one("SELECT cube_dispatcher.start('r')", &[]).unwrap().get(0);
+    let mut holder = c.connect("target");
+    let hold = std::thread::spawn(move || {
+        holder
+            .batch_execute("BEGIN; SELECT FROM cube_dispatcher.job_state WHERE job_name = 'r' FOR UPDATE")
+            .map(|_| holder)
+    });
+    c.wait_until("the status row to be asked for", Duration::from_secs(30), || {
+        waits_for_a_lock("query LIKE '%FOR UPDATE'")
+    });
+    starter.batch_execute("COMMIT").unwrap();
+    let mut holder = hold.join().unwrap().unwrap();
+    // (or, should it have been quicker than the lock, recorded itself)
+    c.wait_until("the new worker to wait", Duration::from_secs(30), || {
+        waits_for_a_lock(&format!("pid = {pid}")) || c.status("r", "pid") == Some(pid.to_string())
+    });
+    let mut stopper = c.connect("target");
+    let stop = std::thread::spawn(move || {
+        stopper.query_one("SELECT cube_dispatcher.stop('r')", &[]).map(|r| r.get::<_, bool>(0))
+    });
+    c.wait_until("stop() to wait", Duration::from_secs(30), || {
+        // (a worker that recorded itself is waited for by stop() outside any lock)
+        let recorded = c.status("r", "pid") == Some(pid.to_string());
+        recorded || stop.is_finished() || waits_for_a_lock("query LIKE '%cube_dispatcher.stop(%'")
+    });
+    holder.batch_execute("COMMIT").unwrap();
+    stop.join().unwrap().unwrap();
+    c.wait_until("the worker to exit", Duration::from_secs(10), || !pid_alive(&c, &pid.to_string()));
+    assert_eq!(c.status("r", "state").as_deref(), Some("stopped"));
+    // and a start() after it runs one worker, not a second one beside a left-over
+    let again = c.start_job("r", "q", &[]);
+    c.wait_status("r", "state", |s| s == Some("running"));
+    let workers = c.value(
+        "target",
+        "SELECT string_agg(pid::text, ',') FROM pg_stat_activity WHERE backend_type = 'cube_dispatcher r'",
+    );
+    assert_eq!(workers, Some(again.to_string()));
+}
+
+#[test]
 fn stop_during_a_large_batch_completes_it() {
     let c = Cluster::start();
     setup(&c, "q");
