@@ -96,12 +96,8 @@ pub struct Source {
     fetch_in_flight: bool,
     /// the size of the FETCH in flight: a shorter answer means the cursor is exhausted
     asked: usize,
-    /// The current batch is being read before the writer asked for it (`read_early`): its end
-    /// sends no boundary query, whose COMMIT would commit the finish of a batch the writer may
-    /// not have committed yet.
-    reading_early: bool,
-    /// that end was reached: the boundary query waits for `release_boundary`
-    held: bool,
+    /// whether the current batch is read before the writer asked for it (`read_early`)
+    early: Early,
     /// dblink's schema as an identifier; looked up again for every new connection
     dblink: Option<String>,
     /// The statements run here, planned once per connection (by text and argument types):
@@ -110,6 +106,16 @@ pub struct Source {
     /// Where the writer's commits are known to end, when the writer is another process (the
     /// receiving helper's case); None: this process is the writer (its own last commit).
     written_upto: Option<u64>,
+}
+
+/// A batch read early sends no boundary query at its end, whose COMMIT would commit the finish
+/// of a batch the writer may not have committed yet: that end waits for `release_boundary`.
+#[derive(Clone, Copy, PartialEq)]
+enum Early {
+    No,
+    Reading,
+    /// its last chunk was read
+    Ended,
 }
 
 struct Ahead {
@@ -183,8 +189,7 @@ impl Source {
             owed: None,
             fetch_in_flight: false,
             asked: 0,
-            reading_early: false,
-            held: false,
+            early: Early::No,
             dblink: None,
             plans: HashMap::new(),
             written_upto: None,
@@ -260,8 +265,7 @@ impl Source {
         self.current = None;
         self.owed = None;
         self.fetch_in_flight = false;
-        self.reading_early = false;
-        self.held = false;
+        self.early = Early::No;
     }
 
     /// Brings the remote session to rest: what is in flight is read and dropped, an owed finish
@@ -274,8 +278,7 @@ impl Source {
         self.discard_fetch();
         // a batch read early and not handed out is not finished: it comes again
         self.current = None;
-        self.reading_early = false;
-        self.held = false;
+        self.early = Early::No;
         if let Some(batch_id) = self.owed.take() {
             // inside the remote transaction, whose COMMIT below waits for this too; but should
             // there be none, this finish would commit on its own
@@ -319,7 +322,7 @@ impl Source {
     /// batch. Runs in the target transaction that will write the batch, so the previous one has
     /// committed: anything it owes the source is committed here too.
     pub fn next_batch(&mut self, request: &BatchRequest) -> Option<BatchInfo> {
-        if self.reading_early {
+        if self.early != Early::No {
             // a batch read early that the writer did not ask for (see read_early)
             self.settle();
         }
@@ -464,15 +467,14 @@ impl Source {
             return None;
         };
         self.current = Some((info.batch_id, request.clone()));
-        self.reading_early = true;
+        self.early = Early::Reading;
         Some((request, info))
     }
 
     /// The writer asked for the batch read early (and its commits, known now, may be waited
     /// for): reading goes on as usual, and a batch end reached early sends its boundary query.
     pub fn release_boundary(&mut self) {
-        self.reading_early = false;
-        if std::mem::take(&mut self.held) {
+        if std::mem::replace(&mut self.early, Early::No) == Early::Ended {
             self.end_of_batch();
         }
     }
@@ -545,8 +547,8 @@ impl Chunks for Source {
             self.fetch_in_flight = false;
             if events.len() == asked {
                 self.send_fetch(CHUNK);
-            } else if self.reading_early {
-                self.held = true;
+            } else if self.early == Early::Reading {
+                self.early = Early::Ended;
             } else {
                 self.end_of_batch();
             }
